@@ -1,1 +1,1 @@
-//! kproxy-testkit
+//! Test support: a fake Kubernetes API server and network-namespace topologies.
