@@ -1,1 +1,3 @@
+//! kproxy: a drop-in replacement for kube-proxy.
+
 fn main() {}

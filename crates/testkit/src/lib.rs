@@ -1,1 +1,4 @@
 //! Test support: a fake Kubernetes API server and network-namespace topologies.
+
+pub mod apiserver;
+pub mod netns;

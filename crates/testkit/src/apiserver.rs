@@ -1,0 +1,1 @@
+//! A fake Kubernetes API server speaking the real HTTP protocol.

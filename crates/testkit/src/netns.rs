@@ -1,0 +1,1 @@
+//! Network namespaces, veth pairs and bridges for tests that send real traffic.
