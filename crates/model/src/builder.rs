@@ -3,13 +3,27 @@
 //! The watch layer calls [`StateBuilder::update_service`] for every service
 //! whose Service object or EndpointSlices changed; only that service is
 //! recomputed, so a sync costs O(changed services).
+//!
+//! Bad input loses nothing: an invalid Service or EndpointSlice is rejected
+//! whole, reported once, and its previous valid version stays in use until
+//! a valid version arrives or the object is deleted.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::types::{IpFamily, ProxyState, Rejection, ServiceKey, ServicePortName};
+use crate::convert;
+use crate::endpoints::{self, ParsedSlice};
+use crate::types::{
+    IpFamily, NodeInfo, ObjectKind, ProxyState, Rejection, ServiceKey, ServicePort, ServicePortName,
+};
+use crate::validate;
+
+/// The Node label holding the node's zone, for zone hints.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 
 /// The result of recomputing one service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -21,10 +35,59 @@ pub struct ServiceUpdate {
     pub new_rejections: Vec<Rejection>,
 }
 
+/// Identifies one version of an API object: equal versions have equal
+/// content, so parsing can be skipped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Version {
+    uid: String,
+    resource_version: String,
+}
+
+impl Version {
+    /// `None` when the object lacks a uid or resourceVersion (test objects):
+    /// then it is always parsed again.
+    fn of(meta: &ObjectMeta) -> Option<Version> {
+        Some(Version {
+            uid: meta.uid.clone()?,
+            resource_version: meta.resource_version.clone()?,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct SliceEntry {
+    version: Option<Version>,
+    /// The last valid version, kept while the current one is invalid.
+    valid: Option<Arc<ParsedSlice>>,
+    rejection: Option<Rejection>,
+}
+
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    version: Option<Version>,
+    /// Ports (no endpoints yet) of the last valid version of the Service.
+    valid: Option<Arc<[ServicePort]>>,
+    rejection: Option<Rejection>,
+    slices: BTreeMap<String, SliceEntry>,
+    /// Keys this service has in the state.
+    ports: Vec<(IpFamily, ServicePortName)>,
+}
+
+impl ServiceEntry {
+    fn is_empty(&self) -> bool {
+        self.valid.is_none()
+            && self.rejection.is_none()
+            && self.slices.is_empty()
+            && self.ports.is_empty()
+    }
+}
+
 /// Owns the current [`ProxyState`] and updates it one service at a time.
 #[derive(Debug, Default)]
 pub struct StateBuilder {
     state: ProxyState,
+    services: HashMap<ServiceKey, ServiceEntry>,
+    node_rejection: Option<Rejection>,
 }
 
 impl StateBuilder {
@@ -33,38 +96,241 @@ impl StateBuilder {
     pub fn new(node_name: impl Into<String>) -> Self {
         let mut state = ProxyState::default();
         state.node.name = node_name.into();
-        StateBuilder { state }
+        StateBuilder {
+            state,
+            services: HashMap::new(),
+            node_rejection: None,
+        }
     }
 
     /// Takes the own Node object (`None` if it does not exist or is not
     /// known yet). Returns true when something that affects endpoint
     /// selection changed (the zone label): the caller must then recompute
-    /// every service.
+    /// every service (see [`StateBuilder::reselect_all`]).
+    ///
+    /// The node's name never changes: it is the builder's.
     pub fn set_node(&mut self, node: Option<&Node>) -> bool {
-        let _ = node;
-        todo!("implemented by the model work")
+        let mut info = NodeInfo {
+            name: self.state.node.name.clone(),
+            ..NodeInfo::default()
+        };
+        let mut errs = Vec::new();
+        if let Some(node) = node {
+            info.zone = node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
+                .cloned();
+            info.deleting = node.metadata.deletion_timestamp.is_some();
+            let cidrs = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.pod_cidrs.as_deref())
+                .unwrap_or_default();
+            for (i, c) in cidrs.iter().enumerate() {
+                match validate::parse_cidr(c.trim()) {
+                    Some(net) => info.pod_cidrs.push(net),
+                    None => errs.push(validate::FieldError::str(
+                        format!("spec.podCIDRs[{i}]"),
+                        c,
+                        "is not a CIDR",
+                    )),
+                }
+            }
+        }
+        let rejection = (!errs.is_empty()).then(|| Rejection {
+            kind: ObjectKind::Node,
+            namespace: String::new(),
+            name: validate::display_name(&info.name),
+            reason: validate::reason(&errs),
+        });
+        if rejection != self.node_rejection {
+            if let Some(r) = &rejection {
+                tracing::warn!(rejection = %r, "ignoring invalid fields of the Node");
+            }
+            replace_rejection(
+                &mut self.state.rejections,
+                self.node_rejection.as_ref(),
+                rejection.as_ref(),
+            );
+            self.node_rejection = rejection;
+        }
+        let zone_changed = info.zone != self.state.node.zone;
+        self.state.node = info;
+        zone_changed
     }
 
     /// Recomputes one service from its Service object (`None` when deleted)
     /// and every EndpointSlice labelled `kubernetes.io/service-name` with its
-    /// name in its namespace.
+    /// name in its namespace. Costs O(size of this service).
     pub fn update_service(
         &mut self,
         key: &ServiceKey,
         service: Option<&Service>,
         slices: &[&EndpointSlice],
     ) -> ServiceUpdate {
-        let _ = (key, service, slices);
-        todo!("implemented by the model work")
+        let mut update = ServiceUpdate::default();
+        let mut entry = self.services.remove(key).unwrap_or_default();
+        let rejections = &mut self.state.rejections;
+
+        // The Service.
+        match service {
+            None => {
+                entry.version = None;
+                entry.valid = None;
+                replace_rejection(rejections, entry.rejection.as_ref(), None);
+                entry.rejection = None;
+            }
+            Some(svc) => {
+                let version = Version::of(&svc.metadata);
+                if version.is_none() || version != entry.version {
+                    entry.version = version;
+                    let rejection = match convert::service_ports(key, svc) {
+                        Ok(ports) => {
+                            entry.valid = Some(ports.into());
+                            None
+                        }
+                        Err(errs) => Some(Rejection {
+                            kind: ObjectKind::Service,
+                            namespace: validate::display_name(&key.namespace),
+                            name: validate::display_name(&key.name),
+                            reason: validate::reason(&errs),
+                        }),
+                    };
+                    if rejection != entry.rejection {
+                        replace_rejection(rejections, entry.rejection.as_ref(), rejection.as_ref());
+                        update.new_rejections.extend(rejection.clone());
+                        entry.rejection = rejection;
+                    }
+                }
+            }
+        }
+
+        // Its slices: exactly the ones given now, each either freshly parsed,
+        // reused (same version), or kept at its last valid version.
+        let mut old_slices = std::mem::take(&mut entry.slices);
+        for slice in slices {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            if entry.slices.contains_key(&name) {
+                tracing::debug!(service = %key, slice = %name, "ignoring a second slice of the same name");
+                continue;
+            }
+            let mut se = old_slices.remove(&name).unwrap_or_default();
+            let version = Version::of(&slice.metadata);
+            if version.is_none() || version != se.version {
+                se.version = version;
+                let rejection =
+                    match endpoints::parse_slice(&key.namespace, slice, &self.state.node.name) {
+                        Ok(parsed) => {
+                            se.valid = Some(Arc::new(parsed));
+                            None
+                        }
+                        Err(errs) => Some(Rejection {
+                            kind: ObjectKind::EndpointSlice,
+                            namespace: validate::display_name(
+                                slice.metadata.namespace.as_deref().unwrap_or_default(),
+                            ),
+                            name: validate::display_name(&name),
+                            reason: validate::reason(&errs),
+                        }),
+                    };
+                if rejection != se.rejection {
+                    replace_rejection(rejections, se.rejection.as_ref(), rejection.as_ref());
+                    update.new_rejections.extend(rejection.clone());
+                    se.rejection = rejection;
+                }
+            }
+            entry.slices.insert(name, se);
+        }
+        // Slices that are gone: forget them and their rejections.
+        for se in old_slices.into_values() {
+            replace_rejection(rejections, se.rejection.as_ref(), None);
+        }
+
+        update.changed_ports = self.apply_ports(&mut entry);
+        if !entry.is_empty() {
+            self.services.insert(key.clone(), entry);
+        }
+        update
+    }
+
+    /// Recomputes endpoint selection for every service from the objects
+    /// already seen (after [`StateBuilder::set_node`] returned true).
+    /// Returns the service ports that changed.
+    pub fn reselect_all(&mut self) -> BTreeSet<(IpFamily, ServicePortName)> {
+        let mut changed = BTreeSet::new();
+        let mut services = std::mem::take(&mut self.services);
+        for entry in services.values_mut() {
+            changed.extend(self.apply_ports(entry));
+        }
+        self.services = services;
+        changed
     }
 
     /// Every service currently known (including ones that yield no ports),
-    /// for a full recompute after a node change.
+    /// for a full recompute after a node change. Sorted.
     pub fn service_keys(&self) -> Vec<ServiceKey> {
-        todo!("implemented by the model work")
+        let mut keys: Vec<ServiceKey> = self.services.keys().cloned().collect();
+        keys.sort();
+        keys
     }
 
     pub fn state(&self) -> &ProxyState {
         &self.state
+    }
+
+    /// Builds the entry's service ports with their endpoints, writes them
+    /// into the state and returns the ones that differ from before.
+    fn apply_ports(&mut self, entry: &mut ServiceEntry) -> BTreeSet<(IpFamily, ServicePortName)> {
+        let mut changed = BTreeSet::new();
+        let mut new_keys = Vec::new();
+        if let Some(templates) = &entry.valid {
+            new_keys.reserve(templates.len());
+            for template in templates.iter() {
+                let mut sp = template.clone();
+                sp.endpoints = endpoints::select(
+                    &sp,
+                    entry.slices.values().filter_map(|s| s.valid.as_deref()),
+                    &self.state.node,
+                );
+                let family = self.state.family_mut(sp.family);
+                let key = (sp.family, sp.name.clone());
+                if family.get(&sp.name).map(|old| **old != sp).unwrap_or(true) {
+                    family.insert(sp.name.clone(), Arc::new(sp));
+                    changed.insert(key.clone());
+                }
+                new_keys.push(key);
+            }
+        }
+        for old in std::mem::take(&mut entry.ports) {
+            if !new_keys.contains(&old) {
+                self.state.family_mut(old.0).remove(&old.1);
+                changed.insert(old);
+            }
+        }
+        entry.ports = new_keys;
+        changed
+    }
+}
+
+/// Keeps `rejections` sorted while one object's rejection changes.
+fn replace_rejection(
+    rejections: &mut Vec<Rejection>,
+    old: Option<&Rejection>,
+    new: Option<&Rejection>,
+) {
+    if old == new {
+        return;
+    }
+    if let Some(old) = old {
+        if let Ok(i) = rejections.binary_search(old) {
+            rejections.remove(i);
+        }
+    }
+    if let Some(new) = new {
+        if let Err(i) = rejections.binary_search(new) {
+            rejections.insert(i, new.clone());
+        }
     }
 }

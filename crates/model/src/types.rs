@@ -216,14 +216,12 @@ impl ServicePort {
 
     /// Some traffic to this port is sent to cluster-wide endpoints.
     pub fn uses_cluster_endpoints(&self) -> bool {
-        !self.internal_policy_local
-            || (self.externally_accessible() && !self.external_policy_local)
+        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
     }
 
     /// Some traffic to this port is sent only to node-local endpoints.
     pub fn uses_local_endpoints(&self) -> bool {
-        self.internal_policy_local
-            || (self.externally_accessible() && self.external_policy_local)
+        self.internal_policy_local || (self.externally_accessible() && self.external_policy_local)
     }
 }
 
