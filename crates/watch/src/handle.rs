@@ -1,0 +1,320 @@
+//! The handle the binary uses: spawns the watchers, hands out pending
+//! changes and applies them to the model.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kproxy_model::{Changes, Rejection, ServiceKey, StateBuilder};
+use kube::runtime::watcher::{self, watcher, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::cache::{Cache, ListDone, Now, Outcome};
+use crate::observer::WatchObserver;
+use crate::pending::Pending;
+use crate::shared::Shared;
+use crate::trigger::{SyncTrigger, TriggerTiming};
+
+/// Upstream's label selector for Services and EndpointSlices: skip objects
+/// owned by another proxy, and headless services.
+pub const LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// What to watch and how often to sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchConfig {
+    /// The own node: its Node object is watched, and endpoints on it are local.
+    pub node_name: String,
+    /// Least time between the starts of two syncs (upstream `minSyncPeriod`).
+    pub min_sync_interval: Duration,
+    /// Most time between two syncs; a forced resync (upstream `syncPeriod`).
+    pub sync_period: Duration,
+}
+
+impl WatchConfig {
+    /// Upstream's defaults: 1 s min sync period, 30 s sync period.
+    pub fn new(node_name: impl Into<String>) -> Self {
+        WatchConfig {
+            node_name: node_name.into(),
+            min_sync_interval: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The result of [`WatchHandle::apply_to`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// What the backend must write.
+    pub changes: Changes,
+    /// Rejections not reported before, for the binary to log and count.
+    pub new_rejections: Vec<Rejection>,
+    /// How many services were recomputed.
+    pub services_recomputed: usize,
+}
+
+/// Running watchers for Services, EndpointSlices and the own Node.
+/// Dropping the handle stops them.
+pub struct WatchHandle {
+    shared: Arc<Shared>,
+    timing: TriggerTiming,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl WatchHandle {
+    /// Starts the watchers as tokio tasks; must be called inside a Tokio
+    /// runtime. Watch failures are retried with kube's default backoff
+    /// (800 ms → 30 s) and reported to `observer`; they never end the tasks.
+    pub fn spawn(client: Client, cfg: WatchConfig, observer: Arc<dyn WatchObserver>) -> Self {
+        let shared = Arc::new(Shared::new(Cache::new(
+            cfg.node_name.clone(),
+            SystemTime::now(),
+        )));
+        let selected = watcher::Config::default().labels(LABEL_SELECTOR);
+        let node_cfg = watcher::Config::default().fields(&format!(
+            "metadata.name={}",
+            escape_field_value(&cfg.node_name)
+        ));
+        let tasks = vec![
+            tokio::spawn(run_watcher(
+                Api::<Service>::all(client.clone()),
+                selected.clone(),
+                Kind::Service,
+                shared.clone(),
+                observer.clone(),
+            )),
+            tokio::spawn(run_watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                selected,
+                Kind::EndpointSlice,
+                shared.clone(),
+                observer.clone(),
+            )),
+            tokio::spawn(run_watcher(
+                Api::<Node>::all(client),
+                node_cfg,
+                Kind::Node,
+                shared.clone(),
+                observer,
+            )),
+        ];
+        WatchHandle {
+            shared,
+            timing: TriggerTiming::new(cfg.min_sync_interval, cfg.sync_period),
+            tasks,
+        }
+    }
+
+    /// Resolves once Services and EndpointSlices have both completed their
+    /// first list; no rules may be written before that.
+    pub async fn wait_synced(&self) {
+        let mut rx = self.shared.subscribe_synced();
+        // The sender lives in `self.shared`, so it cannot be dropped while
+        // we wait; an error would only mean that, so it is ignored.
+        let _ = rx.wait_for(|synced| *synced).await;
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.shared.lock().synced()
+    }
+
+    /// Takes the changes accumulated since the last call.
+    pub fn take_pending(&self) -> Pending {
+        self.shared.lock().take_pending()
+    }
+
+    /// The own Node as last seen, if it exists.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.shared.lock().node()
+    }
+
+    /// A trigger with this handle's intervals, for the sync loop.
+    pub fn trigger(&self) -> SyncTrigger {
+        SyncTrigger::new(self.timing, self.shared.clone())
+    }
+
+    /// Feeds the pending changes into `builder`: every pending service is
+    /// recomputed from the cache's current Service and slices, and after a
+    /// node change that affects endpoint selection every service is.
+    pub fn apply_to(&self, builder: &mut StateBuilder, pending: &Pending) -> Applied {
+        apply_pending(&self.shared, builder, pending)
+    }
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+pub(crate) fn apply_pending(
+    shared: &Shared,
+    builder: &mut StateBuilder,
+    pending: &Pending,
+) -> Applied {
+    let mut keys: BTreeSet<ServiceKey> = pending.services.clone();
+    if pending.node_changed {
+        let node = shared.lock().node();
+        if builder.set_node(node.as_deref()) {
+            keys.extend(builder.service_keys());
+            keys.extend(shared.lock().service_keys().cloned());
+        }
+    }
+    // Clone the `Arc`s under the lock and compute without it, so the
+    // watchers are not held up by the model.
+    let inputs = shared.lock().inputs(&keys);
+
+    let mut applied = Applied::default();
+    applied.changes.force_full = pending.relisted || pending.node_changed;
+    for (key, service, slices) in &inputs {
+        let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+        let update = builder.update_service(key, service.as_deref(), &slices);
+        applied.changes.ports.extend(update.changed_ports);
+        applied.new_rejections.extend(update.new_rejections);
+    }
+    applied.services_recomputed = inputs.len();
+    debug!(
+        services = applied.services_recomputed,
+        changed_ports = applied.changes.ports.len(),
+        force_full = applied.changes.force_full,
+        rejections = applied.new_rejections.len(),
+        "applied pending changes to the model"
+    );
+    applied
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+/// Routes one event to the cache; implemented per watched type.
+trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + 'static {
+    fn apply(cache: &mut Cache, event: Event<Self>, now: Now) -> Outcome;
+}
+
+impl Watched for Service {
+    fn apply(cache: &mut Cache, event: Event<Self>, now: Now) -> Outcome {
+        cache.service_event(event, now)
+    }
+}
+
+impl Watched for EndpointSlice {
+    fn apply(cache: &mut Cache, event: Event<Self>, now: Now) -> Outcome {
+        cache.slice_event(event, now)
+    }
+}
+
+impl Watched for Node {
+    fn apply(cache: &mut Cache, event: Event<Self>, now: Now) -> Outcome {
+        cache.node_event(event, now)
+    }
+}
+
+async fn run_watcher<K: Watched>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    shared: Arc<Shared>,
+    observer: Arc<dyn WatchObserver>,
+) {
+    let name = kind.name();
+    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => {
+                let now = Now::current();
+                let outcome = shared.update(|cache| K::apply(cache, event, now));
+                report(kind, &outcome, now.system, observer.as_ref());
+            }
+            // An expired resourceVersion is routine: kube relists.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                info!(kind = name, "watch expired (410 Gone), relisting");
+            }
+            Err(err) => {
+                let err = err.to_string();
+                warn!(kind = name, error = %err, "watch failed, retrying with backoff");
+                observer.watch_error(name, &err);
+            }
+        }
+    }
+    // `default_backoff` retries forever, so this is not expected.
+    warn!(kind = name, "watch stream ended");
+}
+
+fn report(kind: Kind, outcome: &Outcome, at: SystemTime, observer: &dyn WatchObserver) {
+    let name = kind.name();
+    for _ in 0..outcome.changed {
+        match kind {
+            Kind::Service => observer.service_changed(),
+            Kind::EndpointSlice => observer.endpoint_slice_changed(),
+            Kind::Node => {}
+        }
+    }
+    if outcome.queued {
+        observer.change_queued(at);
+    }
+    match outcome.list_done {
+        Some(ListDone::First) => {
+            info!(
+                kind = name,
+                changed = outcome.changed,
+                "initial list complete"
+            );
+        }
+        Some(ListDone::Relist) => {
+            info!(kind = name, changed = outcome.changed, "relist complete");
+            observer.relisted(name);
+        }
+        None => {
+            if outcome.changed > 0 {
+                debug!(kind = name, changed = outcome.changed, "change queued");
+            }
+        }
+    }
+}
+
+/// Escapes a field-selector value (`\`, `,` and `=` are special).
+fn escape_field_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '\\' | ',' | '=') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_values_are_escaped() {
+        assert_eq!(escape_field_value("node-1.example"), "node-1.example");
+        assert_eq!(escape_field_value(r"a,b=c\d"), r"a\,b\=c\\d");
+    }
+}
