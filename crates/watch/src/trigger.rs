@@ -293,3 +293,96 @@ mod tests {
         assert_eq!(t.decide(t0, true, false, Some(t0)), Decision::WaitForChange);
     }
 }
+
+#[cfg(test)]
+mod async_tests {
+    use super::*;
+    use crate::cache::{Cache, Now};
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use kube::runtime::watcher::Event;
+    use std::time::SystemTime;
+    use tokio::time::timeout;
+
+    fn svc(name: &str, rv: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                resource_version: Some(rv.into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn change(shared: &Shared, name: &str, rv: &str) {
+        shared.update(|c| c.service_event(Event::Apply(svc(name, rv)), Now::current()));
+    }
+
+    /// Runs `trigger.next()` and returns its reason and how long it took,
+    /// or `None` if it did not fire within `limit`.
+    async fn fire(trigger: &mut SyncTrigger, limit: Duration) -> Option<(TriggerReason, Duration)> {
+        let start = Instant::now();
+        let reason = timeout(limit, trigger.next()).await.ok()?;
+        Some((reason, start.elapsed()))
+    }
+
+    #[tokio::test]
+    async fn wrapper_waits_for_lists_coalesces_and_resyncs() {
+        let shared = Arc::new(Shared::new(Cache::new("n", SystemTime::now())));
+        let min = Duration::from_millis(300);
+        let max = Duration::from_millis(1500);
+        let mut trigger = SyncTrigger::new(TriggerTiming::new(min, max), shared.clone());
+
+        // Changes and one finished list are not enough.
+        change(&shared, "a", "1");
+        shared.update(|c| c.service_event(Event::Init, Now::current()));
+        shared.update(|c| c.service_event(Event::InitDone, Now::current()));
+        assert_eq!(fire(&mut trigger, Duration::from_millis(400)).await, None);
+
+        // The slices list completes while we wait: fires at once.
+        let waiter = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                shared.update(|c| c.slice_event(Event::Init, Now::current()));
+                shared.update(|c| c.slice_event(Event::InitDone, Now::current()));
+            })
+        };
+        let (reason, took) = fire(&mut trigger, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(reason, TriggerReason::Initial);
+        assert!(took < Duration::from_millis(250), "{took:?}");
+        waiter.await.unwrap();
+        shared.lock().take_pending();
+
+        // A burst right after a sync is held until the min interval, once.
+        change(&shared, "a", "2");
+        change(&shared, "b", "1");
+        let (reason, took) = fire(&mut trigger, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(reason, TriggerReason::Changes);
+        assert!(took >= Duration::from_millis(250), "{took:?}");
+        let pending = shared.lock().take_pending();
+        assert_eq!(pending.services.len(), 2);
+
+        // After an idle period a change fires immediately.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let changer = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                change(&shared, "a", "3");
+            })
+        };
+        let (reason, took) = fire(&mut trigger, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(reason, TriggerReason::Changes);
+        assert!(took < Duration::from_millis(200), "{took:?}");
+        changer.await.unwrap();
+        shared.lock().take_pending();
+
+        // Nothing pending: the periodic resync comes after max_interval.
+        let (reason, took) = fire(&mut trigger, Duration::from_secs(3)).await.unwrap();
+        assert_eq!(reason, TriggerReason::Periodic);
+        assert!(took >= Duration::from_millis(1400), "{took:?}");
+    }
+}
