@@ -371,11 +371,13 @@ impl Metrics {
                 i.sync_failures
                     .get_or_create(&label("cause", failure.cause.as_str()))
                     .inc();
+                // As upstream: every refused restore counts, and every
+                // failed partial sync counts (it forces a full one next).
                 if failure.cause == CAUSE_IPTABLES_RESTORE {
-                    match report.kind {
-                        SyncKind::Full => i.restore_failures.inc(),
-                        SyncKind::Partial => i.partial_restore_failures.inc(),
-                    };
+                    i.restore_failures.inc();
+                }
+                if report.kind == SyncKind::Partial {
+                    i.partial_restore_failures.inc();
                 }
             }
         }
@@ -776,7 +778,7 @@ mod tests {
                 &t,
                 "kubeproxy_sync_proxy_rules_iptables_restore_failures_total"
             ),
-            Some(1.0)
+            Some(2.0)
         );
         assert_eq!(
             sample(
