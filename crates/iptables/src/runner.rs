@@ -88,6 +88,12 @@ pub trait CommandRunner: fmt::Debug + Send + Sync {
 
     /// Whether `program` can be run (is an executable on the search path).
     fn exists(&self, program: &str) -> bool;
+
+    /// An environment variable as the children see it (for
+    /// `XTABLES_LOCKFILE`, which the lock-wait probe must agree on).
+    fn env(&self, key: &str) -> Option<OsString> {
+        std::env::var_os(key)
+    }
 }
 
 /// Runs real processes, found on `PATH` or in a fixed directory.
@@ -183,6 +189,15 @@ impl CommandRunner for SystemCommandRunner {
 
     fn exists(&self, program: &str) -> bool {
         self.resolve(program).is_some()
+    }
+
+    fn env(&self, key: &str) -> Option<OsString> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var_os(key))
     }
 }
 
@@ -525,7 +540,8 @@ impl Iptables {
         if self.supports_wait_interval() {
             args.extend(["--wait-interval".to_string(), "100000".to_string()]);
         }
-        let contended_before = self.backend == Backend::Legacy && xtables_lock_contended();
+        let contended_before = self.backend == Backend::Legacy
+            && xtables_lock_contended(self.runner.env("XTABLES_LOCKFILE"));
         let start = Instant::now();
         let out = self.run(&program, args.clone(), Some(text.as_bytes()))?;
         let duration = start.elapsed();
@@ -768,8 +784,8 @@ fn locate_failed_line(text: &str, number: usize, stderr: &str) -> Option<FailedL
 /// Whether another process holds the xtables lock right now (legacy
 /// iptables serialises on it; iptables does not say whether it waited).
 /// Probes with a non-blocking shared lock that is released at once.
-fn xtables_lock_contended() -> bool {
-    let path = std::env::var_os("XTABLES_LOCKFILE").unwrap_or_else(|| "/run/xtables.lock".into());
+fn xtables_lock_contended(lock_file: Option<OsString>) -> bool {
+    let path = lock_file.unwrap_or_else(|| "/run/xtables.lock".into());
     let Ok(file) = std::fs::File::open(&path) else {
         return false;
     };
