@@ -1,0 +1,371 @@
+//! Command-line syntax (clap derive).
+//!
+//! Flags are kube-proxy's names. Values are kept as raw strings here and are
+//! parsed in `config::resolve`, so flag and config-file values go through the
+//! same parsers and every error names the flag and the value in one line.
+//! Unlike kube-proxy, which ignores most flags once `--config` is given, an
+//! explicit flag always wins over the config file.
+
+use std::ffi::OsString;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+
+use crate::config::ConfigError;
+
+// Boolean flags behave like Go's pflag: `--flag` means true and
+// `--flag=false` turns it off (a separate `false` argument is not consumed),
+// hence `num_args = 0..=1, require_equals, default_missing_value = "true"`.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "kproxy",
+    version,
+    about = "kproxy: a drop-in replacement for kube-proxy",
+    args_override_self = true
+)]
+pub struct Cli {
+    /// Proxy mode: iptables (default) or ipvs.
+    #[arg(long, visible_alias = "proxy-mode", value_name = "MODE")]
+    pub mode: Option<String>,
+
+    /// Path to a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<String>,
+
+    /// Path to a kubeconfig file with authorization information.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<String>,
+
+    /// Address of the Kubernetes API server (overrides the kubeconfig's server).
+    #[arg(long, value_name = "URL")]
+    pub master: Option<String>,
+
+    /// Node name to use instead of $NODE_NAME or the machine hostname.
+    #[arg(long, value_name = "NAME")]
+    pub hostname_override: Option<String>,
+
+    /// Pod CIDR(s), comma-separated, at most one per IP family.
+    #[arg(long, value_name = "CIDRS")]
+    pub cluster_cidr: Option<String>,
+
+    /// Local traffic detection: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix.
+    #[arg(long, value_name = "MODE")]
+    pub detect_local_mode: Option<String>,
+
+    /// Bridge interface for --detect-local-mode=BridgeInterface.
+    #[arg(long, value_name = "NAME")]
+    pub pod_bridge_interface: Option<String>,
+
+    /// Interface name prefix for --detect-local-mode=InterfaceNamePrefix.
+    #[arg(long, value_name = "PREFIX")]
+    pub pod_interface_name_prefix: Option<String>,
+
+    /// Metrics server address, IP[:port] (default 127.0.0.1:10249); empty disables.
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_bind_address: Option<String>,
+
+    /// Health check server address, IP[:port] (default 0.0.0.0:10256); empty disables.
+    #[arg(long, value_name = "IP:PORT")]
+    pub healthz_bind_address: Option<String>,
+
+    /// The node's primary IP override (no socket is bound to it).
+    #[arg(long, value_name = "IP")]
+    pub bind_address: Option<String>,
+
+    /// Maximum interval between full iptables resyncs (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub iptables_sync_period: Option<String>,
+
+    /// Minimum interval between iptables resyncs (default 1s; 0 = sync on every change).
+    #[arg(long, value_name = "DURATION")]
+    pub iptables_min_sync_period: Option<String>,
+
+    /// fwmark bit used to mark packets for SNAT, 0..=31 (default 14).
+    #[arg(long, value_name = "BIT")]
+    pub iptables_masquerade_bit: Option<String>,
+
+    /// SNAT all traffic sent to Service cluster IPs.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub masquerade_all: Option<String>,
+
+    /// Allow NodePorts on 127.0.0.1 (IPv4 iptables mode; default true).
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub iptables_localhost_nodeports: Option<String>,
+
+    /// NodePort addresses: comma-separated CIDRs, or "primary" (default: all local IPs).
+    #[arg(long, value_name = "CIDRS", action = clap::ArgAction::Append)]
+    pub nodeport_addresses: Vec<String>,
+
+    /// IPVS scheduler: rr wrr lc wlc lblc lblcr sh dh sed nq mh (default rr).
+    #[arg(long, value_name = "NAME")]
+    pub ipvs_scheduler: Option<String>,
+
+    /// Maximum interval between full IPVS resyncs (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_sync_period: Option<String>,
+
+    /// Minimum interval between IPVS resyncs (default 0s = sync on every change).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_min_sync_period: Option<String>,
+
+    /// Set arp_ignore=1 and arp_announce=2 for kube-ipvs0.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub ipvs_strict_arp: Option<String>,
+
+    /// CIDRs whose IPVS services kproxy must not touch during cleanup (comma-separated).
+    #[arg(long, value_name = "CIDRS", action = clap::ArgAction::Append)]
+    pub ipvs_exclude_cidrs: Vec<String>,
+
+    /// IPVS idle TCP session timeout (0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcp_timeout: Option<String>,
+
+    /// IPVS TCP timeout after FIN (0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_tcpfin_timeout: Option<String>,
+
+    /// IPVS UDP timeout (0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub ipvs_udp_timeout: Option<String>,
+
+    /// Conntrack entries per CPU core (default 32768; 0 = leave the limit as is).
+    #[arg(long, value_name = "N")]
+    pub conntrack_max_per_core: Option<String>,
+
+    /// Minimum conntrack table size (default 131072).
+    #[arg(long, value_name = "N")]
+    pub conntrack_min: Option<String>,
+
+    /// Idle timeout for established TCP connections (default 24h; 0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_established: Option<String>,
+
+    /// Timeout for TCP connections in CLOSE_WAIT (default 1h; 0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_tcp_timeout_close_wait: Option<String>,
+
+    /// Set nf_conntrack_tcp_be_liberal=1.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub conntrack_tcp_be_liberal: Option<String>,
+
+    /// Idle timeout for UNREPLIED UDP flows (0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_udp_timeout: Option<String>,
+
+    /// Idle timeout for ASSURED UDP flows (0 = leave as is).
+    #[arg(long, value_name = "DURATION")]
+    pub conntrack_udp_timeout_stream: Option<String>,
+
+    /// Log format: text (default) or json.
+    #[arg(long, visible_alias = "logging-format", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+
+    /// Log verbosity, 0..=10 (kube-proxy style: -v=2, --v=4).
+    #[arg(short = 'v', long = "v", value_name = "N")]
+    pub verbosity: Option<String>,
+
+    /// Compute and log the rules, but apply nothing.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub dry_run: Option<String>,
+
+    /// Remove kproxy/kube-proxy rules and exit.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub cleanup: Option<String>,
+
+    /// iptables binaries: auto (detect), legacy or nft.
+    #[arg(long, value_name = "BACKEND")]
+    pub iptables_backend: Option<String>,
+
+    // kube-proxy flags accepted so existing manifests keep working; kproxy
+    // does not act on them and reports them in `Settings::ignored_fields`.
+    #[arg(long, hide = true)]
+    pub oom_score_adj: Option<String>,
+    #[arg(long, hide = true)]
+    pub feature_gates: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub profiling: Option<String>,
+    #[arg(long, hide = true)]
+    pub config_sync_period: Option<String>,
+    #[arg(long, hide = true)]
+    pub kube_api_qps: Option<String>,
+    #[arg(long, hide = true)]
+    pub kube_api_burst: Option<String>,
+    #[arg(long, hide = true)]
+    pub kube_api_content_type: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub bind_address_hard_fail: Option<String>,
+    #[arg(long, hide = true)]
+    pub show_hidden_metrics_for_version: Option<String>,
+}
+
+impl Cli {
+    /// The accepted-but-ignored kube-proxy flags that were given.
+    pub fn ignored_flags(&self) -> Vec<String> {
+        [
+            ("oom-score-adj", &self.oom_score_adj),
+            ("feature-gates", &self.feature_gates),
+            ("profiling", &self.profiling),
+            ("config-sync-period", &self.config_sync_period),
+            ("kube-api-qps", &self.kube_api_qps),
+            ("kube-api-burst", &self.kube_api_burst),
+            ("kube-api-content-type", &self.kube_api_content_type),
+            ("bind-address-hard-fail", &self.bind_address_hard_fail),
+            (
+                "show-hidden-metrics-for-version",
+                &self.show_hidden_metrics_for_version,
+            ),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(name, _)| format!("--{name}"))
+        .collect()
+    }
+}
+
+/// Result of parsing the command line.
+#[derive(Debug)]
+pub enum Parsed {
+    Flags(Box<Cli>),
+    /// `--help` / `--version` output for stdout; the process exits 0.
+    Print(String),
+}
+
+/// Parse argv (the first item is the program name, as from `std::env::args_os()`).
+pub fn parse<I, T>(args: I) -> Result<Parsed, ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(Parsed::Flags(Box::new(cli))),
+        Err(err) => match err.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                Ok(Parsed::Print(err.render().to_string()))
+            }
+            _ => Err(ConfigError::Usage(clap_one_line(&err))),
+        },
+    }
+}
+
+/// clap renders errors as several lines (message, tip, usage); keep the first,
+/// without its "error: " prefix, so the binary prints one line.
+fn clap_one_line(err: &clap::Error) -> String {
+    let rendered = err.render().to_string();
+    let first = rendered
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    let msg = first.trim().strip_prefix("error: ").unwrap_or(first.trim());
+    format!("{msg} (see --help)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["kproxy"];
+        argv.extend_from_slice(args);
+        match parse(argv) {
+            Ok(Parsed::Flags(c)) => *c,
+            other => panic!("unexpected parse result: {other:?}"),
+        }
+    }
+
+    fn usage_err(args: &[&str]) -> String {
+        let mut argv = vec!["kproxy"];
+        argv.extend_from_slice(args);
+        match parse(argv) {
+            Err(e) => e.to_string(),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn help_and_version_are_printed() {
+        for flag in ["--help", "-h"] {
+            match parse(["kproxy", flag]) {
+                Ok(Parsed::Print(text)) => {
+                    assert!(text.contains("--iptables-sync-period"), "{text}");
+                    assert!(text.contains("--proxy-mode"), "alias shown: {text}");
+                }
+                other => panic!("unexpected: {other:?}"),
+            }
+        }
+        match parse(["kproxy", "--version"]) {
+            Ok(Parsed::Print(text)) => assert!(text.contains(env!("CARGO_PKG_VERSION"))),
+            other => panic!("unexpected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn go_style_bools() {
+        assert_eq!(
+            cli(&["--masquerade-all"]).masquerade_all.as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            cli(&["--masquerade-all=false"]).masquerade_all.as_deref(),
+            Some("false")
+        );
+        assert_eq!(cli(&[]).masquerade_all, None);
+        // A following word is not swallowed as the bool's value.
+        assert!(usage_err(&["--masquerade-all", "false"]).contains("false"));
+    }
+
+    #[test]
+    fn verbosity_spellings() {
+        for args in [
+            &["-v", "3"][..],
+            &["-v=3"],
+            &["-v3"],
+            &["--v=3"],
+            &["--v", "3"],
+        ] {
+            assert_eq!(cli(args).verbosity.as_deref(), Some("3"), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn aliases_and_repeats() {
+        assert_eq!(cli(&["--proxy-mode=ipvs"]).mode.as_deref(), Some("ipvs"));
+        assert_eq!(
+            cli(&["--logging-format=json"]).log_format.as_deref(),
+            Some("json")
+        );
+        // Scalars: last one wins, like pflag.
+        assert_eq!(
+            cli(&["--mode=ipvs", "--mode", "iptables"]).mode.as_deref(),
+            Some("iptables")
+        );
+        // Slices accumulate, like pflag's StringSlice.
+        let c = cli(&[
+            "--nodeport-addresses=10.0.0.0/8",
+            "--nodeport-addresses=fd00::/8",
+        ]);
+        assert_eq!(c.nodeport_addresses, ["10.0.0.0/8", "fd00::/8"]);
+    }
+
+    #[test]
+    fn compat_flags_are_accepted_and_reported() {
+        let c = cli(&[
+            "--oom-score-adj=-999",
+            "--profiling",
+            "--feature-gates=A=true",
+        ]);
+        assert_eq!(
+            c.ignored_flags(),
+            ["--oom-score-adj", "--feature-gates", "--profiling"]
+        );
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        let msg = usage_err(&["--no-such-flag"]);
+        assert!(msg.contains("--no-such-flag"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+        let msg = usage_err(&["--kubeconfig"]);
+        assert!(msg.contains("--kubeconfig"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+}
