@@ -148,7 +148,9 @@ impl Netns {
     /// Runs `f` on a fresh thread that has entered this namespace and
     /// returns its result. Sockets `f` creates belong to the namespace for
     /// their whole life, wherever they are used afterwards; processes it
-    /// starts run in the namespace.
+    /// starts run in the namespace; netlink sockets and /proc/sys see it.
+    /// (/proc/net is /proc/self/net, the main thread's view: use
+    /// /proc/thread-self/net inside `f`.)
     pub fn run_in<T, F>(&self, f: F) -> Result<T>
     where
         F: FnOnce() -> T + Send,
