@@ -203,6 +203,14 @@ impl SliceIndex {
     }
 }
 
+/// Which watchers have completed their first list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    pub services_listed: bool,
+    pub endpoint_slices_listed: bool,
+    pub node_listed: bool,
+}
+
 /// What the sync needs for one service.
 pub(crate) type ServiceInput = (ServiceKey, Option<Arc<Service>>, Vec<Arc<EndpointSlice>>);
 
@@ -236,6 +244,14 @@ impl Cache {
         self.services.lists_done > 0 && self.slices.lists_done > 0
     }
 
+    pub fn sync_status(&self) -> SyncStatus {
+        SyncStatus {
+            services_listed: self.services.lists_done > 0,
+            endpoint_slices_listed: self.slices.lists_done > 0,
+            node_listed: self.node.lists_done > 0,
+        }
+    }
+
     pub fn has_pending(&self) -> bool {
         self.pending.has_changes()
     }
@@ -246,14 +262,6 @@ impl Cache {
 
     pub fn node(&self) -> Option<Arc<Node>> {
         self.node.live.clone()
-    }
-
-    /// Every service with a Service object or at least one slice.
-    pub fn service_keys(&self) -> impl Iterator<Item = &ServiceKey> {
-        self.services
-            .live
-            .keys()
-            .chain(self.slices.live.by_service.keys())
     }
 
     /// The Service and slices of each key (cheap: clones `Arc`s).

@@ -1,7 +1,6 @@
 //! The handle the binary uses: spawns the watchers, hands out pending
 //! changes and applies them to the model.
 
-use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -9,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kproxy_model::{Changes, Rejection, ServiceKey, StateBuilder};
+use kproxy_model::{Changes, Rejection, StateBuilder};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource};
@@ -17,7 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::cache::{Cache, ListDone, Now, Outcome};
+use crate::cache::{Cache, ListDone, Now, Outcome, SyncStatus};
 use crate::observer::WatchObserver;
 use crate::pending::Pending;
 use crate::shared::Shared;
@@ -57,7 +56,7 @@ pub struct Applied {
     pub changes: Changes,
     /// Rejections not reported before, for the binary to log and count.
     pub new_rejections: Vec<Rejection>,
-    /// How many services were recomputed.
+    /// How many pending services were recomputed.
     pub services_recomputed: usize,
 }
 
@@ -126,6 +125,11 @@ impl WatchHandle {
         self.shared.lock().synced()
     }
 
+    /// Which first lists are complete, for startup logs and readiness.
+    pub fn sync_status(&self) -> SyncStatus {
+        self.shared.lock().sync_status()
+    }
+
     /// Takes the changes accumulated since the last call.
     pub fn take_pending(&self) -> Pending {
         self.shared.lock().take_pending()
@@ -142,8 +146,10 @@ impl WatchHandle {
     }
 
     /// Feeds the pending changes into `builder`: every pending service is
-    /// recomputed from the cache's current Service and slices, and after a
-    /// node change that affects endpoint selection every service is.
+    /// recomputed from the cache's current Service and slices; after a node
+    /// change that affects endpoint selection (the zone) every service's
+    /// endpoints are re-selected. `force_full` is set after a list or a
+    /// node change.
     pub fn apply_to(&self, builder: &mut StateBuilder, pending: &Pending) -> Applied {
         apply_pending(&self.shared, builder, pending)
     }
@@ -162,20 +168,21 @@ pub(crate) fn apply_pending(
     builder: &mut StateBuilder,
     pending: &Pending,
 ) -> Applied {
-    let mut keys: BTreeSet<ServiceKey> = pending.services.clone();
+    let mut applied = Applied::default();
+    applied.changes.force_full = pending.relisted || pending.node_changed;
     if pending.node_changed {
         let node = shared.lock().node();
         if builder.set_node(node.as_deref()) {
-            keys.extend(builder.service_keys());
-            keys.extend(shared.lock().service_keys().cloned());
+            // The zone moved: endpoint selection of every service may
+            // change. The builder re-selects from what it has already
+            // parsed; the pending services are then updated below.
+            applied.changes.ports.extend(builder.reselect_all());
         }
     }
     // Clone the `Arc`s under the lock and compute without it, so the
     // watchers are not held up by the model.
-    let inputs = shared.lock().inputs(&keys);
+    let inputs = shared.lock().inputs(&pending.services);
 
-    let mut applied = Applied::default();
-    applied.changes.force_full = pending.relisted || pending.node_changed;
     for (key, service, slices) in &inputs {
         let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
         let update = builder.update_service(key, service.as_deref(), &slices);

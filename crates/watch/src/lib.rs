@@ -13,7 +13,7 @@ mod pending;
 mod shared;
 mod trigger;
 
-pub use cache::SERVICE_NAME_LABEL;
+pub use cache::{SyncStatus, SERVICE_NAME_LABEL};
 pub use handle::{Applied, WatchConfig, WatchHandle, LABEL_SELECTOR};
 pub use observer::{NoopObserver, WatchObserver};
 pub use pending::{parse_trigger_time, Pending, LAST_CHANGE_TRIGGER_TIME};
