@@ -98,7 +98,7 @@ pub fn service_ports(key: &ServiceKey, svc: &Service) -> Result<Vec<ServicePort>
                     errs.push(FieldError::str(
                         format!("spec.clusterIPs[{i}]"),
                         s,
-                        &format!("is a second {fam} address"),
+                        format!("is a second {fam} address"),
                     ));
                 } else {
                     by_family.push((fam, ip));

@@ -63,7 +63,7 @@ pub fn parse_slice(
         errs.push(FieldError::str(
             "metadata.namespace",
             ns,
-            &format!(
+            format!(
                 "is not the Service's namespace {}",
                 validate::quote(namespace)
             ),
@@ -155,7 +155,7 @@ pub fn parse_slice(
                 Some(_) => errs.push(FieldError::str(
                     format!("endpoints[{i}].addresses[{j}]"),
                     a,
-                    &format!("is not an {} address", slice.address_type),
+                    format!("is not an {} address", slice.address_type),
                 )),
                 None => errs.push(FieldError::str(
                     format!("endpoints[{i}].addresses[{j}]"),
@@ -279,7 +279,7 @@ fn topology_mode(candidates: &[(Endpoint, &ParsedEndpoint)], node: &NodeInfo) ->
         has_ready = true;
         if pe.node_hints.is_empty() {
             all_node_hints = false;
-        } else if pe.node_hints.iter().any(|n| *n == node.name) {
+        } else if pe.node_hints.contains(&node.name) {
             for_node = true;
         }
         if pe.zone_hints.is_empty() {
@@ -302,7 +302,7 @@ fn topology_mode(candidates: &[(Endpoint, &ParsedEndpoint)], node: &NodeInfo) ->
 fn available(pe: &ParsedEndpoint, mode: Topology, node: &NodeInfo) -> bool {
     match mode {
         Topology::None => true,
-        Topology::SameNode => pe.node_hints.iter().any(|n| *n == node.name),
+        Topology::SameNode => pe.node_hints.contains(&node.name),
         Topology::SameZone => {
             let zone = node.zone.as_deref().unwrap_or_default();
             pe.zone_hints.iter().any(|z| z == zone)

@@ -101,6 +101,8 @@ fn cluster_falls_back_to_serving_terminating() {
                     .serving(false)
                     .terminating(true),
                 Ep::new("10.1.0.3").ready(false),
+                // Serving but not terminating: not ready for another reason.
+                Ep::new("10.1.0.4").ready(false).serving(true),
             ],
         )],
         None,
