@@ -92,7 +92,8 @@ impl TriggerTiming {
 
 /// Awaits the next moment to sync. Create it with
 /// [`crate::WatchHandle::trigger`]; use one per sync loop (each trigger
-/// tracks its own last sync).
+/// tracks its own last sync). Once the handle is dropped the watchers stop
+/// and the trigger only fires periodically.
 pub struct SyncTrigger {
     timing: TriggerTiming,
     last_sync: Option<Instant>,
