@@ -1,0 +1,947 @@
+//! The iptables rule planner: pure functions from a family's service ports to
+//! `iptables-restore --noflush` input, and the diff against what was applied.
+//!
+//! # Layout
+//!
+//! Semantics are upstream kube-proxy's (`pkg/proxy/iptables`), with one
+//! leaner layout: upstream gives every endpoint a `KUBE-SEP-…` chain holding
+//! a hairpin rule (`-s <ep> -j KUBE-MARK-MASQ`) and the DNAT. A packet is
+//! DNATed on its client's node, so only an endpoint on *this* node (its
+//! `is_local` flag, or its IP inside the node's pod CIDRs) can ever be its own
+//! client. Only such endpoints get a SEP chain; for every other endpoint the
+//! service chain's rule DNATs directly:
+//!
+//! ```text
+//! -A KUBE-SVC-X -m comment --comment "ns/s:p -> 10.1.2.3:80" -m statistic --mode random --probability 0.5000000000 -m tcp -p tcp -j DNAT --to-destination 10.1.2.3:80
+//! ```
+//!
+//! With ClientIP affinity the same rule carries `-m recent --name KUBE-SEP-… --set`
+//! and the affinity check DNATs directly with `--update` (an `--rcheck` that
+//! refreshes the entry, as the SEP chain's `--set` does upstream). Chain and
+//! recent-list names stay upstream's hashes, so a node can switch between
+//! kube-proxy and kproxy and each cleans up the other's chains.
+//!
+//! Caveat of the lean layout: a *remote* pod that reaches this node's
+//! external address with `externalTrafficPolicy: Local`, is recognised as pod
+//! traffic, and is then load-balanced to itself, is not hairpin-masqueraded
+//! here (upstream's SEP chain would). Traffic from remote nodes to a
+//! Cluster-policy external address is always masqueraded, so this case needs
+//! all three conditions.
+//!
+//! Rules per service port with E endpoints of which L need a SEP chain:
+//!
+//! | service                         | nat chains | nat rules           | upstream nat rules |
+//! |---------------------------------|-----------:|---------------------|--------------------|
+//! | ClusterIP                        | 1 + L      | 2 + E + 2L          | 2 + 3E             |
+//! | + NodePort / external IP (Cluster)| +1 (EXT)  | +1 dispatch, +2 EXT | same               |
+//! | + ClientIP affinity             |            | +E                  | +E                 |
+//!
+//! The filter table holds only dispatch rules: REJECT/DROP for ports without
+//! (local) endpoints, the firewall drops, the health-check ACCEPTs, plus
+//! KUBE-FORWARD.
+//!
+//! Large clusters (more endpoints than `large_cluster_endpoint_threshold`):
+//! the per-endpoint rules (SVC/SVL endpoint rules and SEP chains) carry no
+//! comment, as upstream; dispatch-chain rules keep theirs (they must stay
+//! unique for rule-level deletes).
+//!
+//! # Full and partial plans
+//!
+//! A full plan declares (`:CHAIN - [0:0]`, which flushes) and fills every
+//! chain kproxy owns and deletes owned service chains that are no longer
+//! wanted. A partial plan touches only the changed service ports: it
+//! rewrites those of their chains whose rules differ, deletes their gone
+//! chains, and edits the shared chains (nat `KUBE-SERVICES`/`KUBE-NODEPORTS`,
+//! filter `KUBE-SERVICES`/`KUBE-EXTERNAL-SERVICES`/`KUBE-NODEPORTS`/
+//! `KUBE-PROXY-FIREWALL`) rule by rule with `-D`/`-A`, and `-I KUBE-SERVICES 1`
+//! in nat so the NodePort jump stays last. A table with nothing to change is
+//! left out of the input (legacy iptables-restore re-uploads every table it
+//! touches).
+
+mod names;
+mod port;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use kproxy_model::{FamilyState, IpFamily, ServicePortName, SyncKind};
+
+pub use names::{is_service_chain, PortChains};
+pub use port::PortRecord;
+
+use port::{comment, Ctx, Detect};
+
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+pub const MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+pub const CANARY: &str = "KUBE-PROXY-CANARY";
+/// kubelet's chain; kproxy refills it (as upstream) but never deletes it.
+pub const KUBELET_FIREWALL: &str = "KUBE-FIREWALL";
+
+/// Endpoint probabilities 1/n precomputed up to this n.
+const PRECOMPUTED_PROBABILITIES: usize = 256;
+
+/// An iptables table the planner writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    Filter,
+    Nat,
+}
+
+impl Table {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Table::Filter => "filter",
+            Table::Nat => "nat",
+        }
+    }
+}
+
+/// The shared chains every service port writes rules into.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dispatch {
+    NatServices,
+    NatNodePorts,
+    FilterServices,
+    FilterExternalServices,
+    FilterNodePorts,
+    FilterFirewall,
+}
+
+impl Dispatch {
+    pub const ALL: [Dispatch; 6] = [
+        Dispatch::NatServices,
+        Dispatch::NatNodePorts,
+        Dispatch::FilterServices,
+        Dispatch::FilterExternalServices,
+        Dispatch::FilterNodePorts,
+        Dispatch::FilterFirewall,
+    ];
+
+    pub fn table(self) -> Table {
+        if self.is_nat() {
+            Table::Nat
+        } else {
+            Table::Filter
+        }
+    }
+
+    pub fn is_nat(self) -> bool {
+        matches!(self, Dispatch::NatServices | Dispatch::NatNodePorts)
+    }
+
+    pub fn chain(self) -> &'static str {
+        match self {
+            Dispatch::NatServices | Dispatch::FilterServices => KUBE_SERVICES,
+            Dispatch::NatNodePorts | Dispatch::FilterNodePorts => KUBE_NODEPORTS,
+            Dispatch::FilterExternalServices => KUBE_EXTERNAL_SERVICES,
+            Dispatch::FilterFirewall => KUBE_PROXY_FIREWALL,
+        }
+    }
+}
+
+/// How traffic from local pods is recognised (`--detect-local-mode`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum LocalDetector {
+    /// Not implemented: no pod/non-pod distinction.
+    #[default]
+    None,
+    /// ClusterCIDR / NodeCIDR: source address in the CIDR. The first CIDR of
+    /// the planned family is used (upstream takes one per family).
+    Cidrs(Vec<IpNet>),
+    /// BridgeInterface: arrives on this bridge.
+    Bridge(String),
+    /// InterfaceNamePrefix: arrives on an interface starting with this.
+    InterfacePrefix(String),
+}
+
+/// Where NodePorts are served (`--nodeport-addresses`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum NodePortAddresses {
+    /// Every local address (`-m addrtype --dst-type LOCAL`).
+    #[default]
+    AllLocal,
+    /// These node addresses only (already resolved from CIDRs or `primary`).
+    Ips(Vec<IpAddr>),
+}
+
+/// Family-wide settings. Any change means a full sync.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannerConfig {
+    pub family: IpFamily,
+    /// `--iptables-masquerade-bit`, 0..=31.
+    pub masquerade_bit: u8,
+    pub masquerade_all: bool,
+    pub local_detector: LocalDetector,
+    pub nodeport_addresses: NodePortAddresses,
+    /// `--iptables-localhost-nodeports` (IPv4 only; needs route_localnet=1).
+    pub localhost_nodeports: bool,
+    /// Above this many endpoints, per-endpoint rules carry no comment.
+    pub large_cluster_endpoint_threshold: usize,
+    /// Append `--random-fully` to the MASQUERADE rule.
+    pub random_fully: bool,
+    /// `nf_conntrack_tcp_be_liberal` is set: no DROP of INVALID packets.
+    pub conntrack_tcp_be_liberal: bool,
+    /// The node's address in this family, for the LB firewall's
+    /// "allow from the node itself" rules.
+    pub node_ip: Option<IpAddr>,
+    /// The node's pod CIDRs: an endpoint inside them is on this node and
+    /// gets a hairpin SEP chain even if its slice does not say so.
+    pub node_pod_cidrs: Vec<IpNet>,
+}
+
+impl PlannerConfig {
+    /// Upstream's defaults for `family`.
+    pub fn new(family: IpFamily) -> Self {
+        PlannerConfig {
+            family,
+            masquerade_bit: 14,
+            masquerade_all: false,
+            local_detector: LocalDetector::None,
+            nodeport_addresses: NodePortAddresses::AllLocal,
+            localhost_nodeports: true,
+            large_cluster_endpoint_threshold: 1000,
+            random_fully: true,
+            conntrack_tcp_be_liberal: false,
+            node_ip: None,
+            node_pod_cidrs: Vec::new(),
+        }
+    }
+
+    /// Localhost NodePorts are possible only on IPv4 and only when the NodePort
+    /// addresses include 127.0.0.0/8 (upstream's rule).
+    pub fn effective_localhost_nodeports(&self) -> bool {
+        self.family == IpFamily::V4
+            && self.localhost_nodeports
+            && match &self.nodeport_addresses {
+                NodePortAddresses::AllLocal => true,
+                NodePortAddresses::Ips(ips) => {
+                    ips.iter().any(|ip| ip.is_ipv4() && ip.is_loopback())
+                }
+            }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("masquerade bit {0} is out of range 0..=31")]
+    MasqueradeBit(u8),
+    #[error("local-traffic interface {0:?} is not a valid interface name")]
+    Interface(String),
+}
+
+/// A jump from a built-in chain to one of ours, ensured outside the restore
+/// (kproxy does not own the built-in chains).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JumpSpec {
+    pub table: Table,
+    /// The built-in chain, e.g. `PREROUTING`.
+    pub from: &'static str,
+    /// Our chain, e.g. `KUBE-SERVICES`.
+    pub to: &'static str,
+    /// Matches before the jump, e.g. `-m conntrack --ctstate NEW`.
+    pub extra_args: Vec<String>,
+    /// Upstream's comment; empty for kubelet's chains.
+    pub comment: &'static str,
+}
+
+/// Chains present in the kernel, for a full plan to delete stale ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExistingChains(pub BTreeSet<(Table, String)>);
+
+impl ExistingChains {
+    /// Adds the chains of an `iptables-save -t <table>` dump.
+    pub fn add_save(&mut self, table: Table, save: &str) {
+        for line in save.lines() {
+            if let Some(rest) = line.strip_prefix(':') {
+                if let Some(name) = rest.split_whitespace().next() {
+                    self.0.insert((table, name.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// What a plan writes, and what the kernel holds after it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PlanCounts {
+    /// Rules installed in nat / filter after the plan.
+    pub nat_rules: usize,
+    pub filter_rules: usize,
+    /// Chains declared (created or flushed and refilled), not counting
+    /// chains flushed only to be deleted.
+    pub chains_written: usize,
+    pub chains_deleted: usize,
+    /// `-A` / `-I` lines.
+    pub rules_written: usize,
+    /// `-D` lines.
+    pub rules_deleted: usize,
+    pub no_local_internal: usize,
+    pub no_local_external: usize,
+}
+
+/// A restore transaction and how to update the [`Applied`] record once it
+/// has succeeded.
+#[derive(Debug)]
+pub struct Plan {
+    pub kind: SyncKind,
+    /// `iptables-restore --noflush` input; empty when nothing changes.
+    pub text: String,
+    pub counts: PlanCounts,
+    pub update: AppliedUpdate,
+}
+
+/// The change to the [`Applied`] record a successful plan makes.
+#[derive(Debug)]
+pub enum AppliedUpdate {
+    Replace(Box<Applied>),
+    Patch(AppliedPatch),
+}
+
+#[derive(Debug)]
+pub struct AppliedPatch {
+    ports: Vec<(ServicePortName, Option<Arc<PortRecord>>)>,
+    totals: Totals,
+}
+
+impl AppliedUpdate {
+    /// Records a successful apply. A patch needs the record it was planned
+    /// against; without one the slot stays empty (forcing a full sync).
+    pub fn apply_to(self, slot: &mut Option<Applied>) {
+        match self {
+            AppliedUpdate::Replace(a) => *slot = Some(*a),
+            AppliedUpdate::Patch(p) => {
+                if let Some(applied) = slot.as_mut() {
+                    for (name, rec) in p.ports {
+                        match rec {
+                            Some(r) => applied.ports.insert(name, r),
+                            None => applied.ports.remove(&name),
+                        };
+                    }
+                    applied.totals = p.totals;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Totals {
+    endpoints: usize,
+    nat_rules: usize,
+    filter_rules: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+/// What is in the kernel after a successful plan: every owned chain with its
+/// rules, and per service port its chains and dispatch rules.
+#[derive(Clone, Debug)]
+pub struct Applied {
+    config: PlannerConfig,
+    large_cluster: bool,
+    /// Fixed chains other than the dispatch chains, with their rules.
+    fixed: Vec<(Table, &'static str, Vec<String>)>,
+    /// The last rules of nat KUBE-SERVICES (the NodePort jump).
+    tail: Vec<String>,
+    ports: BTreeMap<ServicePortName, Arc<PortRecord>>,
+    totals: Totals,
+}
+
+impl Applied {
+    pub fn config(&self) -> &PlannerConfig {
+        &self.config
+    }
+
+    pub fn large_cluster(&self) -> bool {
+        self.large_cluster
+    }
+
+    pub fn port(&self, name: &ServicePortName) -> Option<&PortRecord> {
+        self.ports.get(name).map(|r| &**r)
+    }
+
+    pub fn nat_rules(&self) -> usize {
+        self.totals.nat_rules
+    }
+
+    pub fn filter_rules(&self) -> usize {
+        self.totals.filter_rules
+    }
+
+    /// Every chain kproxy holds, per table, with its rules (rulespecs without
+    /// `-A CHAIN`). Dispatch chains list service-port rules in service-port
+    /// order, then nat KUBE-SERVICES' tail — the order of a full plan; after
+    /// partial plans the kernel may hold them in another order.
+    pub fn rules_by_chain(&self) -> BTreeMap<(Table, String), Vec<String>> {
+        let mut out: BTreeMap<(Table, String), Vec<String>> = BTreeMap::new();
+        for d in Dispatch::ALL {
+            out.entry((d.table(), d.chain().to_string())).or_default();
+        }
+        for (t, c, rules) in &self.fixed {
+            out.insert((*t, (*c).to_string()), rules.clone());
+        }
+        for rec in self.ports.values() {
+            for (d, spec) in &rec.dispatch {
+                out.entry((d.table(), d.chain().to_string()))
+                    .or_default()
+                    .push(spec.clone());
+            }
+            for (name, rules) in &rec.chains {
+                out.insert((Table::Nat, name.clone()), rules.clone());
+            }
+        }
+        out.entry((Table::Nat, KUBE_SERVICES.to_string()))
+            .or_default()
+            .extend(self.tail.iter().cloned());
+        out
+    }
+
+    /// The chains this record says exist, for a full plan's stale-chain scan.
+    pub fn existing_chains(&self) -> ExistingChains {
+        let mut set = BTreeSet::new();
+        for (t, c, _) in &self.fixed {
+            set.insert((*t, (*c).to_string()));
+        }
+        for d in Dispatch::ALL {
+            set.insert((d.table(), d.chain().to_string()));
+        }
+        for rec in self.ports.values() {
+            for (name, _) in &rec.chains {
+                set.insert((Table::Nat, name.clone()));
+            }
+        }
+        ExistingChains(set)
+    }
+}
+
+/// Plans the rules of one IP family.
+#[derive(Clone, Debug)]
+pub struct Planner {
+    cfg: PlannerConfig,
+    detect: Detect,
+    mark: String,
+    probabilities: Vec<String>,
+}
+
+impl Planner {
+    pub fn new(cfg: PlannerConfig) -> Result<Planner, PlanError> {
+        if cfg.masquerade_bit > 31 {
+            return Err(PlanError::MasqueradeBit(cfg.masquerade_bit));
+        }
+        let valid_iface = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 15
+                && s.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'/')
+        };
+        let detect = match &cfg.local_detector {
+            LocalDetector::None => Detect::None,
+            LocalDetector::Cidrs(cidrs) => cidrs
+                .iter()
+                .find(|c| IpFamily::of_net(c) == cfg.family)
+                .map(|c| Detect::Source(c.trunc().to_string()))
+                .unwrap_or(Detect::None),
+            LocalDetector::Bridge(name) => {
+                if !valid_iface(name) {
+                    return Err(PlanError::Interface(name.clone()));
+                }
+                Detect::Interface(name.clone())
+            }
+            LocalDetector::InterfacePrefix(prefix) => {
+                // The `+` wildcard makes the name one character longer.
+                if !valid_iface(prefix) || prefix.len() > 14 {
+                    return Err(PlanError::Interface(prefix.clone()));
+                }
+                Detect::Interface(format!("{prefix}+"))
+            }
+        };
+        let mark = format!("{:#x}", 1u32 << cfg.masquerade_bit);
+        let probabilities = (0..=PRECOMPUTED_PROBABILITIES)
+            .map(|n| {
+                if n == 0 {
+                    String::new()
+                } else {
+                    format!("{:.10}", 1.0 / n as f64)
+                }
+            })
+            .collect();
+        Ok(Planner {
+            cfg,
+            detect,
+            mark,
+            probabilities,
+        })
+    }
+
+    pub fn config(&self) -> &PlannerConfig {
+        &self.cfg
+    }
+
+    /// The jumps from built-in chains to ours (upstream's `iptablesJumpChains`,
+    /// plus kubelet's KUBE-FIREWALL jumps when localhost NodePorts are on).
+    pub fn jump_rules(&self) -> Vec<JumpSpec> {
+        let new = || {
+            vec![
+                "-m".into(),
+                "conntrack".into(),
+                "--ctstate".into(),
+                "NEW".into(),
+            ]
+        };
+        let j = |table, to, from, comment, extra_args| JumpSpec {
+            table,
+            from,
+            to,
+            extra_args,
+            comment,
+        };
+        let ext = "kubernetes externally-visible service portals";
+        let portals = "kubernetes service portals";
+        let lbfw = "kubernetes load balancer firewall";
+        let mut v = vec![
+            j(Table::Filter, KUBE_EXTERNAL_SERVICES, "INPUT", ext, new()),
+            j(Table::Filter, KUBE_EXTERNAL_SERVICES, "FORWARD", ext, new()),
+            j(
+                Table::Filter,
+                KUBE_NODEPORTS,
+                "INPUT",
+                "kubernetes health check service ports",
+                vec![],
+            ),
+            j(Table::Filter, KUBE_SERVICES, "FORWARD", portals, new()),
+            j(Table::Filter, KUBE_SERVICES, "OUTPUT", portals, new()),
+            j(
+                Table::Filter,
+                KUBE_FORWARD,
+                "FORWARD",
+                "kubernetes forwarding rules",
+                vec![],
+            ),
+            j(Table::Filter, KUBE_PROXY_FIREWALL, "INPUT", lbfw, new()),
+            j(Table::Filter, KUBE_PROXY_FIREWALL, "OUTPUT", lbfw, new()),
+            j(Table::Filter, KUBE_PROXY_FIREWALL, "FORWARD", lbfw, new()),
+            j(Table::Nat, KUBE_SERVICES, "OUTPUT", portals, vec![]),
+            j(Table::Nat, KUBE_SERVICES, "PREROUTING", portals, vec![]),
+            j(
+                Table::Nat,
+                KUBE_POSTROUTING,
+                "POSTROUTING",
+                "kubernetes postrouting rules",
+                vec![],
+            ),
+        ];
+        if self.cfg.effective_localhost_nodeports() {
+            v.push(j(Table::Filter, KUBELET_FIREWALL, "INPUT", "", vec![]));
+            v.push(j(Table::Filter, KUBELET_FIREWALL, "OUTPUT", "", vec![]));
+        }
+        v
+    }
+
+    fn ctx(&self, large: bool) -> Ctx<'_> {
+        Ctx {
+            cfg: &self.cfg,
+            detect: &self.detect,
+            probabilities: &self.probabilities,
+            large,
+        }
+    }
+
+    /// The fixed chains (besides the dispatch chains) and their rules.
+    fn fixed_chains(&self) -> Vec<(Table, &'static str, Vec<String>)> {
+        let mark = &self.mark;
+        let mut forward = Vec::with_capacity(3);
+        if !self.cfg.conntrack_tcp_be_liberal {
+            forward.push("-m conntrack --ctstate INVALID -j DROP".to_string());
+        }
+        forward.push(format!(
+            "-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+        ));
+        forward.push(
+            "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+                .to_string(),
+        );
+        let mut v = vec![
+            (Table::Filter, KUBE_FORWARD, forward),
+            (Table::Filter, CANARY, vec![]),
+        ];
+        if self.cfg.effective_localhost_nodeports() {
+            // Mitigates the route_localnet hole (kubernetes#90259); kubelet
+            // writes the same rule.
+            v.push((
+                Table::Filter,
+                KUBELET_FIREWALL,
+                vec!["-m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP".to_string()],
+            ));
+        }
+        let masq = if self.cfg.random_fully {
+            "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
+        } else {
+            "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE"
+        };
+        v.push((
+            Table::Nat,
+            KUBE_POSTROUTING,
+            vec![
+                format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+                format!("-j MARK --xor-mark {mark}"),
+                masq.to_string(),
+            ],
+        ));
+        v.push((
+            Table::Nat,
+            MARK_MASQ,
+            vec![format!("-j MARK --or-mark {mark}")],
+        ));
+        v.push((Table::Nat, CANARY, vec![]));
+        v
+    }
+
+    /// The last rules of nat KUBE-SERVICES: the jump to KUBE-NODEPORTS.
+    fn nodeport_tail(&self) -> Vec<String> {
+        let c =
+            comment("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
+        let v6 = self.cfg.family == IpFamily::V6;
+        let localhost = self.cfg.effective_localhost_nodeports();
+        match &self.cfg.nodeport_addresses {
+            NodePortAddresses::AllLocal => {
+                let block = if v6 {
+                    " ! -d ::1/128"
+                } else if !localhost {
+                    " ! -d 127.0.0.0/8"
+                } else {
+                    ""
+                };
+                vec![format!(
+                    "{c} -m addrtype --dst-type LOCAL{block} -j {KUBE_NODEPORTS}"
+                )]
+            }
+            NodePortAddresses::Ips(ips) => {
+                let mut seen = BTreeSet::new();
+                ips.iter()
+                    .filter(|ip| IpFamily::of(ip) == self.cfg.family)
+                    .filter(|ip| !ip.is_loopback() || (!v6 && localhost))
+                    .filter(|ip| seen.insert(**ip))
+                    .map(|ip| format!("{c} -d {ip} -j {KUBE_NODEPORTS}"))
+                    .collect()
+            }
+        }
+    }
+
+    fn render_all(
+        &self,
+        ports: &FamilyState,
+        large: bool,
+    ) -> BTreeMap<ServicePortName, Arc<PortRecord>> {
+        let ctx = self.ctx(large);
+        ports
+            .iter()
+            .filter_map(|(name, sp)| port::render(&ctx, sp).map(|r| (name.clone(), Arc::new(r))))
+            .collect()
+    }
+
+    fn is_large(&self, endpoints: usize) -> bool {
+        endpoints > self.cfg.large_cluster_endpoint_threshold
+    }
+
+    /// Writes everything kproxy owns and deletes owned service chains in
+    /// `existing` that are no longer wanted.
+    pub fn plan_full(&self, ports: &FamilyState, existing: &ExistingChains) -> Plan {
+        let endpoints: usize = ports.values().map(|sp| sp.endpoints.all.len()).sum();
+        let large = self.is_large(endpoints);
+        let records = self.render_all(ports, large);
+        let fixed = self.fixed_chains();
+        let tail = self.nodeport_tail();
+
+        let mut counts = PlanCounts::default();
+        let mut totals = Totals {
+            endpoints,
+            ..Totals::default()
+        };
+        let mut bufs: BTreeMap<Dispatch, String> =
+            Dispatch::ALL.iter().map(|d| (*d, String::new())).collect();
+        let mut wanted: BTreeSet<&str> = BTreeSet::new();
+        for rec in records.values() {
+            for (d, spec) in &rec.dispatch {
+                if let Some(b) = bufs.get_mut(d) {
+                    let _ = writeln!(b, "-A {} {spec}", d.chain());
+                }
+            }
+            for (name, _) in &rec.chains {
+                wanted.insert(name);
+            }
+            totals.nat_rules += rec.nat_rules();
+            totals.filter_rules += rec.filter_rules();
+            totals.no_local_internal += usize::from(rec.no_local_internal);
+            totals.no_local_external += usize::from(rec.no_local_external);
+        }
+        let stale: Vec<&str> = existing
+            .0
+            .iter()
+            .filter(|(t, name)| {
+                *t == Table::Nat && is_service_chain(name) && !wanted.contains(name.as_str())
+            })
+            .map(|(_, name)| name.as_str())
+            .collect();
+
+        let mut out = String::with_capacity(256 + totals.nat_rules * 160);
+        let declare = |out: &mut String, name: &str, counts: &mut PlanCounts| {
+            let _ = writeln!(out, ":{name} - [0:0]");
+            counts.chains_written += 1;
+        };
+        let mut rules_written = 0usize;
+
+        out.push_str("*filter\n");
+        for d in Dispatch::ALL.iter().filter(|d| !d.is_nat()) {
+            declare(&mut out, d.chain(), &mut counts);
+        }
+        for (_, c, _) in fixed.iter().filter(|(t, _, _)| *t == Table::Filter) {
+            declare(&mut out, c, &mut counts);
+        }
+        for d in Dispatch::ALL.iter().filter(|d| !d.is_nat()) {
+            if let Some(b) = bufs.get(d) {
+                out.push_str(b);
+            }
+        }
+        for (_, c, rules) in fixed.iter().filter(|(t, _, _)| *t == Table::Filter) {
+            for r in rules {
+                let _ = writeln!(out, "-A {c} {r}");
+                totals.filter_rules += 1;
+            }
+        }
+        out.push_str("COMMIT\n*nat\n");
+        for d in Dispatch::ALL.iter().filter(|d| d.is_nat()) {
+            declare(&mut out, d.chain(), &mut counts);
+        }
+        for (_, c, _) in fixed.iter().filter(|(t, _, _)| *t == Table::Nat) {
+            declare(&mut out, c, &mut counts);
+        }
+        for rec in records.values() {
+            for (name, _) in &rec.chains {
+                declare(&mut out, name, &mut counts);
+            }
+        }
+        for name in &stale {
+            let _ = writeln!(out, ":{name} - [0:0]");
+        }
+        for (_, c, rules) in fixed.iter().filter(|(t, _, _)| *t == Table::Nat) {
+            for r in rules {
+                let _ = writeln!(out, "-A {c} {r}");
+                totals.nat_rules += 1;
+            }
+        }
+        if let Some(b) = bufs.get(&Dispatch::NatServices) {
+            out.push_str(b);
+        }
+        for r in &tail {
+            let _ = writeln!(out, "-A {KUBE_SERVICES} {r}");
+            totals.nat_rules += 1;
+        }
+        if let Some(b) = bufs.get(&Dispatch::NatNodePorts) {
+            out.push_str(b);
+        }
+        for rec in records.values() {
+            for (name, rules) in &rec.chains {
+                for r in rules {
+                    out.push_str("-A ");
+                    out.push_str(name);
+                    out.push(' ');
+                    out.push_str(r);
+                    out.push('\n');
+                }
+            }
+        }
+        for name in &stale {
+            let _ = writeln!(out, "-X {name}");
+        }
+        out.push_str("COMMIT\n");
+        rules_written += totals.nat_rules + totals.filter_rules;
+
+        counts.chains_deleted = stale.len();
+        counts.rules_written = rules_written;
+        counts.nat_rules = totals.nat_rules;
+        counts.filter_rules = totals.filter_rules;
+        counts.no_local_internal = totals.no_local_internal;
+        counts.no_local_external = totals.no_local_external;
+        let applied = Applied {
+            config: self.cfg.clone(),
+            large_cluster: large,
+            fixed,
+            tail,
+            ports: records,
+            totals,
+        };
+        Plan {
+            kind: SyncKind::Full,
+            text: out,
+            counts,
+            update: AppliedUpdate::Replace(Box::new(applied)),
+        }
+    }
+
+    /// Brings the kernel from `previous` to `ports`, touching only the
+    /// service ports in `changed`. Falls back to a full plan when the
+    /// family-wide config or the large-cluster mode differs from `previous`.
+    pub fn plan_partial(
+        &self,
+        previous: &Applied,
+        ports: &FamilyState,
+        changed: &BTreeSet<ServicePortName>,
+    ) -> Plan {
+        if previous.config != self.cfg {
+            return self.plan_full(ports, &previous.existing_chains());
+        }
+        let mut totals = previous.totals;
+        for name in changed {
+            if let Some(old) = previous.ports.get(name) {
+                totals.endpoints -= old.endpoints;
+            }
+            if let Some(sp) = ports.get(name) {
+                totals.endpoints += sp.endpoints.all.len();
+            }
+        }
+        let large = self.is_large(totals.endpoints);
+        if large != previous.large_cluster {
+            return self.plan_full(ports, &previous.existing_chains());
+        }
+        let ctx = self.ctx(large);
+        let mut patch = Vec::with_capacity(changed.len());
+        for name in changed {
+            let old = previous.ports.get(name);
+            let new = ports
+                .get(name)
+                .and_then(|sp| port::render(&ctx, sp))
+                .map(Arc::new);
+            if old.is_none() && new.is_none() {
+                continue;
+            }
+            if let (Some(o), Some(n)) = (old, &new) {
+                if **o == **n {
+                    continue;
+                }
+            }
+            patch.push((name.clone(), old, new));
+        }
+
+        let mut counts = PlanCounts::default();
+        let mut filter_text = String::new();
+        let mut nat_decl = String::new();
+        let mut nat_del = String::new();
+        let mut nat_rules = String::new();
+        let mut nat_add = String::new();
+        let mut nat_x = String::new();
+        let empty = PortRecord::default();
+        for (_, old, new) in &patch {
+            let o: &PortRecord = old.map(|r| &**r).unwrap_or(&empty);
+            let n: &PortRecord = new.as_deref().unwrap_or(&empty);
+            totals.nat_rules = totals.nat_rules - o.nat_rules() + n.nat_rules();
+            totals.filter_rules = totals.filter_rules - o.filter_rules() + n.filter_rules();
+            totals.no_local_internal = totals.no_local_internal - usize::from(o.no_local_internal)
+                + usize::from(n.no_local_internal);
+            totals.no_local_external = totals.no_local_external - usize::from(o.no_local_external)
+                + usize::from(n.no_local_external);
+
+            for (d, spec) in &o.dispatch {
+                if !n.dispatch.iter().any(|(nd, ns)| nd == d && ns == spec) {
+                    let buf = if d.is_nat() {
+                        &mut nat_del
+                    } else {
+                        &mut filter_text
+                    };
+                    let _ = writeln!(buf, "-D {} {spec}", d.chain());
+                    counts.rules_deleted += 1;
+                }
+            }
+            for (name, rules) in &n.chains {
+                let unchanged = o.chains.iter().any(|(on, or)| on == name && or == rules);
+                if unchanged {
+                    continue;
+                }
+                let _ = writeln!(nat_decl, ":{name} - [0:0]");
+                counts.chains_written += 1;
+                for r in rules {
+                    let _ = writeln!(nat_rules, "-A {name} {r}");
+                    counts.rules_written += 1;
+                }
+            }
+            for (name, _) in &o.chains {
+                if !n.chains.iter().any(|(nn, _)| nn == name) {
+                    // Flush first: its rules may jump to other chains being deleted.
+                    let _ = writeln!(nat_decl, ":{name} - [0:0]");
+                    let _ = writeln!(nat_x, "-X {name}");
+                    counts.chains_deleted += 1;
+                }
+            }
+            for (d, spec) in &n.dispatch {
+                if !o.dispatch.iter().any(|(od, os)| od == d && os == spec) {
+                    match d {
+                        // Keeps the NodePort jump the last rule.
+                        Dispatch::NatServices => {
+                            let _ = writeln!(nat_add, "-I {KUBE_SERVICES} 1 {spec}");
+                        }
+                        Dispatch::NatNodePorts => {
+                            let _ = writeln!(nat_add, "-A {KUBE_NODEPORTS} {spec}");
+                        }
+                        _ => {
+                            let _ = writeln!(filter_text, "-A {} {spec}", d.chain());
+                        }
+                    }
+                    counts.rules_written += 1;
+                }
+            }
+        }
+        let mut out = String::with_capacity(
+            filter_text.len()
+                + nat_decl.len()
+                + nat_del.len()
+                + nat_rules.len()
+                + nat_add.len()
+                + nat_x.len()
+                + 32,
+        );
+        if !filter_text.is_empty() {
+            // Deletes before adds, so a rule replaced by an equal-looking one
+            // of another port never collides.
+            let (dels, adds): (Vec<&str>, Vec<&str>) =
+                filter_text.lines().partition(|l| l.starts_with("-D "));
+            out.push_str("*filter\n");
+            for l in dels.into_iter().chain(adds) {
+                out.push_str(l);
+                out.push('\n');
+            }
+            out.push_str("COMMIT\n");
+        }
+        if !(nat_decl.is_empty() && nat_del.is_empty() && nat_add.is_empty()) {
+            out.push_str("*nat\n");
+            out.push_str(&nat_decl);
+            out.push_str(&nat_del);
+            out.push_str(&nat_rules);
+            out.push_str(&nat_add);
+            out.push_str(&nat_x);
+            out.push_str("COMMIT\n");
+        }
+        counts.nat_rules = totals.nat_rules;
+        counts.filter_rules = totals.filter_rules;
+        counts.no_local_internal = totals.no_local_internal;
+        counts.no_local_external = totals.no_local_external;
+        Plan {
+            kind: SyncKind::Partial,
+            text: out,
+            counts,
+            update: AppliedUpdate::Patch(AppliedPatch {
+                ports: patch
+                    .into_iter()
+                    .map(|(name, _, new)| (name, new))
+                    .collect(),
+                totals,
+            }),
+        }
+    }
+}
