@@ -259,13 +259,13 @@ preferences: {{}}
         Ok(file)
     }
 
-    /// A kube-rs client for this server.
+    /// A kube-rs client for this server (see [`plain_http_client`]).
     pub fn client(&self) -> Result<kube::Client> {
         let url = self
             .url()
             .parse::<::http::Uri>()
             .map_err(|e| Error::Uri(e.to_string()))?;
-        Ok(kube::Client::try_from(kube::Config::new(url))?)
+        Ok(plain_http_client(kube::Config::new(url)))
     }
 
     /// Closes the listener and drops every open connection and watch
@@ -527,6 +527,55 @@ preferences: {{}}
 
     pub fn watch_count(&self, resource: &str) -> usize {
         self.request_count(Verb::Watch, resource)
+    }
+}
+
+/// A kube-rs client for an `http://` API server that needs no TLS stack.
+///
+/// `kube::Client::try_from(config)` always builds a rustls connector, which
+/// panics when no rustls crypto provider is installed (the workspace's kube
+/// has `rustls-tls` without `ring`/`aws-lc-rs`). Plain HTTP needs none of
+/// it, so this wires kube's client onto hyper's HTTP connector directly.
+/// Use it with a `Config` read from [`FakeApiServer::kubeconfig_file`].
+pub fn plain_http_client(config: kube::Config) -> kube::Client {
+    let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let service = PlainHttp {
+        http,
+        base: config.cluster_url,
+    };
+    kube::Client::new(service, config.default_namespace)
+}
+
+#[derive(Clone)]
+struct PlainHttp {
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        kube::client::Body,
+    >,
+    base: ::http::Uri,
+}
+
+impl tower_service::Service<::http::Request<kube::client::Body>> for PlainHttp {
+    type Response = ::http::Response<hyper::body::Incoming>;
+    type Error = hyper_util::client::legacy::Error;
+    type Future = hyper_util::client::legacy::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: ::http::Request<kube::client::Body>) -> Self::Future {
+        // kube sends only path and query; add the server's scheme and authority.
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        if let Ok(uri) = ::http::Uri::from_parts(parts) {
+            *req.uri_mut() = uri;
+        }
+        self.http.request(req)
     }
 }
 
