@@ -623,3 +623,19 @@ async fn binary_serves_preloaded_objects() {
     );
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn streaming_list_watcher() {
+    let (server, client) = setup().await;
+    server.create(&service("a", &[])).unwrap();
+    let api: Api<Service> = Api::all(client);
+    let mut stream = watcher(api, watcher::Config::default().streaming_lists()).boxed();
+    assert_eq!(read_init(&mut stream).await, ["a"]);
+    server.create(&service("b", &[])).unwrap();
+    assert!(matches!(next_event(&mut stream).await, Event::Apply(s) if name_of(&s) == "b"));
+    assert_eq!(
+        server.list_count("services"),
+        0,
+        "no list: initial events came on the watch"
+    );
+}
