@@ -214,9 +214,12 @@ impl ServicePort {
             || !self.load_balancer_ips.is_empty()
     }
 
-    /// Some traffic to this port is sent to cluster-wide endpoints.
+    /// Some traffic to this port is sent to cluster-wide endpoints: internal
+    /// traffic under the Cluster policy, and any externally accessible port,
+    /// because pods reaching an external address are short-circuited to the
+    /// cluster endpoints even under `externalTrafficPolicy: Local` (upstream).
     pub fn uses_cluster_endpoints(&self) -> bool {
-        !self.internal_policy_local || (self.externally_accessible() && !self.external_policy_local)
+        !self.internal_policy_local || self.externally_accessible()
     }
 
     /// Some traffic to this port is sent only to node-local endpoints.

@@ -506,3 +506,32 @@ fn node_info_fields() {
     assert!(b.set_node(None));
     assert!(b.state().rejections.is_empty());
 }
+
+#[test]
+fn externally_accessible_local_policies_still_select_cluster_endpoints() {
+    // Pods reaching a NodePort are short-circuited to the cluster endpoints
+    // even when both policies are Local (upstream's UsesClusterEndpoints).
+    let svc = SvcBuilder::new("ns", "s")
+        .cluster_ip("10.0.0.1")
+        .type_("NodePort")
+        .node_port("", 80, "TCP", 30080)
+        .internal_traffic_policy("Local")
+        .external_traffic_policy("Local")
+        .build();
+    let sp = run(
+        &svc,
+        &[slice(
+            "s-1",
+            vec![
+                Ep::new("10.1.0.1").node(NODE),
+                Ep::new("10.1.0.2").node("node-b"),
+            ],
+        )],
+        None,
+    );
+    assert_eq!(
+        addrs(&sp.endpoints.cluster),
+        vec!["10.1.0.1:8080", "10.1.0.2:8080"]
+    );
+    assert_eq!(addrs(&sp.endpoints.local), vec!["10.1.0.1:8080"]);
+}
