@@ -164,6 +164,12 @@ impl IpvsClient {
         self.family_id
     }
 
+    /// How many datagrams the kernel's last answer took (a large dump takes
+    /// several). For diagnostics and tests.
+    pub fn last_reply_datagrams(&self) -> usize {
+        self.nl.last_datagrams
+    }
+
     /// Sends one IPVS request and collects the data messages of the answer.
     fn exec(
         &mut self,

@@ -39,6 +39,8 @@ pub(crate) struct NlSocket {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Datagrams the last answer took (diagnostics; proves multi-part reads).
+    pub(crate) last_datagrams: usize,
 }
 
 /// Large enough for any single datagram the kernel sends for a dump
@@ -57,6 +59,7 @@ impl NlSocket {
             socket,
             seq: 0,
             buf: Vec::with_capacity(RECV_BUF),
+            last_datagrams: 0,
         })
     }
 
@@ -85,8 +88,10 @@ impl NlSocket {
         msg.serialize(&mut out);
         self.socket.send(&out, 0)?;
 
+        self.last_datagrams = 0;
         loop {
             self.recv()?;
+            self.last_datagrams += 1;
             let mut off = 0;
             while off < self.buf.len() {
                 let nl = NetlinkBuffer::new_checked(&self.buf[off..])?;

@@ -286,10 +286,13 @@ fn large_dumps_span_several_messages() {
     }
     let services = c.list_services().unwrap();
     assert_eq!(services.len(), n + 1);
+    let parts = c.last_reply_datagrams();
+    assert!(parts > 1, "a {n}-service dump fit in {parts} datagram(s)");
     let unique: BTreeSet<_> = services.iter().map(|s| s.key()).collect();
     assert_eq!(unique.len(), n + 1, "no service twice");
     let dests = c.list_destinations(&big).unwrap();
     assert_eq!(dests.len(), 300);
+    assert!(c.last_reply_datagrams() > 1);
     assert_eq!(
         dests.iter().map(|d| d.weight as u64).sum::<u64>(),
         (0..300u64).map(|i| i % 5 + 1).sum::<u64>()
