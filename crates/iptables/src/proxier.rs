@@ -1,1 +1,908 @@
-//! TODO
+//! [`IptablesProxier`]: the `kproxy_model::Proxier` of iptables mode.
+//!
+//! One [`FamilyProxier`] per IP family, each with its [`Planner`], the
+//! [`Applied`] record of what it last wrote (none until the first successful
+//! full sync) and a [`RuleApplier`] that talks to the kernel. A sync is full
+//! on the first call, after any failure, when `changes.force_full` is set,
+//! when the canary chain is gone (checked at most once per second), and
+//! after a change of the family-wide planner config (including the node's
+//! pod CIDRs); otherwise it is partial. Full syncs also ensure the jumps from
+//! the built-in chains. The first sync adopts what a previous run left: it
+//! reads `iptables-save` of nat and filter so the first full plan deletes
+//! stale owned chains, without a flush.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use kproxy_model::{
+    Changes, IpFamily, Protocol, Proxier, ProxyState, ServicePortName, SyncFailure, SyncKind,
+    SyncReport,
+};
+use tracing::{debug, info, warn};
+
+use crate::conntrack::{ConntrackCleaner, UdpServiceTarget};
+use crate::planner::{
+    Applied, ExistingChains, JumpSpec, LocalDetector, PlanError, Planner, PlannerConfig, Table,
+    CANARY,
+};
+use crate::runner::{
+    BackendPreference, Iptables, IptablesError, JumpRule, Position, RestoreOutcome,
+};
+
+/// Why the applier failed, reduced to what the proxier reports.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApplyError {
+    pub message: String,
+    /// The refused restore input line (1-based number and text), if known.
+    pub line: Option<(usize, String)>,
+}
+
+impl From<IptablesError> for ApplyError {
+    fn from(e: IptablesError) -> Self {
+        ApplyError {
+            line: e.failed_line().map(|l| (l.number, l.text.clone())),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The kernel seam of one family: implemented for the runner's [`Iptables`],
+/// and by a recording fake in tests.
+pub trait RuleApplier: Send {
+    /// `iptables-restore --noflush --counters` of `text`.
+    fn restore(&self, text: &str) -> Result<RestoreOutcome, ApplyError>;
+    /// `iptables-save -t table`.
+    fn save(&self, table: Table) -> Result<String, ApplyError>;
+    /// Adds the missing jumps from built-in chains.
+    fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError>;
+    fn chain_exists(&self, table: Table, chain: &str) -> Result<bool, ApplyError>;
+}
+
+/// Turns a planner jump into the runner's rule: extra matches, upstream's
+/// comment (one argv entry, no shell quoting), the jump; prepended as upstream.
+pub fn jump_rule(spec: &JumpSpec) -> JumpRule {
+    let mut rulespec = spec.extra_args.clone();
+    if !spec.comment.is_empty() {
+        rulespec.extend([
+            "-m".into(),
+            "comment".into(),
+            "--comment".into(),
+            spec.comment.to_string(),
+        ]);
+    }
+    rulespec.extend(["-j".into(), spec.to.to_string()]);
+    JumpRule {
+        table: spec.table.as_str().to_string(),
+        chain: spec.from.to_string(),
+        position: Position::Prepend,
+        rulespec,
+    }
+}
+
+impl RuleApplier for Iptables {
+    fn restore(&self, text: &str) -> Result<RestoreOutcome, ApplyError> {
+        Ok(Iptables::restore(self, text)?)
+    }
+
+    fn save(&self, table: Table) -> Result<String, ApplyError> {
+        Ok(Iptables::save(self, table.as_str())?)
+    }
+
+    fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError> {
+        let rules: Vec<JumpRule> = rules.iter().map(jump_rule).collect();
+        Iptables::ensure_jump_rules(self, &rules)?;
+        Ok(())
+    }
+
+    fn chain_exists(&self, table: Table, chain: &str) -> Result<bool, ApplyError> {
+        Ok(Iptables::chain_exists(self, table.as_str(), chain)?)
+    }
+}
+
+/// Deletes conntrack flows of UDP service ports that no longer lead to a
+/// serving endpoint.
+pub trait FlowCleaner: Send {
+    fn delete_stale_udp(
+        &self,
+        family: IpFamily,
+        targets: &[UdpServiceTarget],
+    ) -> Result<usize, String>;
+}
+
+impl FlowCleaner for ConntrackCleaner {
+    fn delete_stale_udp(
+        &self,
+        family: IpFamily,
+        targets: &[UdpServiceTarget],
+    ) -> Result<usize, String> {
+        ConntrackCleaner::delete_stale_udp(self, family, targets).map_err(|e| e.to_string())
+    }
+}
+
+/// The settings of one family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyConfig {
+    /// `node_pod_cidrs` is filled from the Node on every sync.
+    pub planner: PlannerConfig,
+    /// `--detect-local-mode=NodeCIDR`: the local detector is the node's pod
+    /// CIDR of this family, taken from the Node on every sync.
+    pub detect_local_from_node: bool,
+}
+
+impl FamilyConfig {
+    pub fn new(planner: PlannerConfig) -> Self {
+        FamilyConfig {
+            planner,
+            detect_local_from_node: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxierError {
+    #[error("invalid iptables config: {0}")]
+    Config(#[from] PlanError),
+    #[error("iptables for {family}: {source}")]
+    Iptables {
+        family: IpFamily,
+        #[source]
+        source: IptablesError,
+    },
+}
+
+const CANARY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one family's sync did.
+struct FamilyOutcome {
+    kind: SyncKind,
+    rules_written: usize,
+    nat_rules: usize,
+    filter_rules: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+    lock_wait: Option<Duration>,
+    failure: Option<SyncFailure>,
+}
+
+/// The proxier of one IP family.
+pub struct FamilyProxier {
+    config: FamilyConfig,
+    planner: Planner,
+    applier: Box<dyn RuleApplier>,
+    applied: Option<Applied>,
+    /// Chains found by `iptables-save` before the first successful full sync.
+    adopted: Option<ExistingChains>,
+    needs_full: bool,
+    /// Set when a full restore failed on a `-X`: someone else references a
+    /// stale chain, so the retry leaves stale chains alone.
+    skip_stale_deletion: bool,
+    last_canary_check: Option<Instant>,
+    canary_interval: Duration,
+}
+
+impl FamilyProxier {
+    pub fn new(config: FamilyConfig, applier: Box<dyn RuleApplier>) -> Result<Self, PlanError> {
+        let planner = Planner::new(config.planner.clone())?;
+        Ok(FamilyProxier {
+            config,
+            planner,
+            applier,
+            applied: None,
+            adopted: None,
+            needs_full: true,
+            skip_stale_deletion: false,
+            last_canary_check: None,
+            canary_interval: CANARY_CHECK_INTERVAL,
+        })
+    }
+
+    pub fn family(&self) -> IpFamily {
+        self.config.planner.family
+    }
+
+    /// What this family last applied successfully.
+    pub fn applied(&self) -> Option<&Applied> {
+        self.applied.as_ref()
+    }
+
+    /// The planner config for this sync: the static one plus what comes from the Node.
+    fn effective_config(&self, state: &ProxyState) -> PlannerConfig {
+        let family = self.family();
+        let mut cfg = self.config.planner.clone();
+        let cidrs: Vec<_> = state
+            .node
+            .pod_cidrs
+            .iter()
+            .filter(|c| IpFamily::of_net(c) == family)
+            .copied()
+            .collect();
+        if self.config.detect_local_from_node {
+            cfg.local_detector = match cidrs.first() {
+                Some(c) => LocalDetector::Cidrs(vec![*c]),
+                None => LocalDetector::None,
+            };
+        }
+        cfg.node_pod_cidrs = cidrs;
+        cfg
+    }
+
+    fn canary_gone(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last_canary_check
+            .is_some_and(|t| now.duration_since(t) < self.canary_interval)
+        {
+            return false;
+        }
+        self.last_canary_check = Some(now);
+        for table in [Table::Nat, Table::Filter] {
+            match self.applier.chain_exists(table, CANARY) {
+                Ok(true) => {}
+                Ok(false) => {
+                    info!(family = %self.family(), table = table.as_str(), "canary chain gone: tables were flushed, doing a full sync");
+                    return true;
+                }
+                Err(e) => {
+                    warn!(family = %self.family(), error = %e, "cannot check the canary chain; doing a full sync");
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Reads what a previous run left, once, before the first full sync.
+    fn adopt(&mut self) {
+        if self.adopted.is_some() || self.applied.is_some() {
+            return;
+        }
+        let mut existing = ExistingChains::default();
+        for table in [Table::Nat, Table::Filter] {
+            match self.applier.save(table) {
+                Ok(text) => existing.add_save(table, &text),
+                Err(e) => warn!(family = %self.family(), table = table.as_str(), error = %e,
+                    "cannot read existing rules; stale chains of a previous run stay until the next restart"),
+            }
+        }
+        self.adopted = Some(existing);
+    }
+
+    fn sync(&mut self, state: &ProxyState, changes: &Changes) -> FamilyOutcome {
+        let family = self.family();
+        let cfg = self.effective_config(state);
+        if cfg != *self.planner.config() {
+            match Planner::new(cfg) {
+                // A new config makes the partial planner fall back to full.
+                Ok(p) => self.planner = p,
+                Err(e) => {
+                    warn!(%family, error = %e, "node-derived iptables config is invalid; keeping the previous one")
+                }
+            }
+        }
+        let ports = state.family(family);
+        let changed: BTreeSet<ServicePortName> = changes
+            .ports
+            .iter()
+            .filter(|(f, _)| *f == family)
+            .map(|(_, n)| n.clone())
+            .collect();
+
+        let mut full = self.needs_full || changes.force_full || self.applied.is_none();
+        if !full && self.canary_gone() {
+            full = true;
+        }
+        let plan = match (&self.applied, full) {
+            (Some(prev), false) => self.planner.plan_partial(prev, ports, &changed),
+            _ => {
+                self.adopt();
+                let mut existing = ExistingChains::default();
+                if !self.skip_stale_deletion {
+                    if let Some(a) = &self.applied {
+                        existing = a.existing_chains();
+                    }
+                    if let Some(adopted) = &self.adopted {
+                        existing.0.extend(adopted.0.iter().cloned());
+                    }
+                }
+                self.planner.plan_full(ports, &existing)
+            }
+        };
+        let kind = plan.kind;
+        let counts = plan.counts;
+        let mut outcome = FamilyOutcome {
+            kind,
+            rules_written: 0,
+            nat_rules: self.applied.as_ref().map_or(0, |a| a.nat_rules()),
+            filter_rules: self.applied.as_ref().map_or(0, |a| a.filter_rules()),
+            no_local_internal: counts.no_local_internal,
+            no_local_external: counts.no_local_external,
+            lock_wait: None,
+            failure: None,
+        };
+        if !plan.text.is_empty() {
+            debug!(%family, kind = kind.as_str(), bytes = plan.text.len(), "iptables-restore");
+            match self.applier.restore(&plan.text) {
+                Ok(o) => outcome.lock_wait = o.lock_wait,
+                Err(e) => {
+                    self.needs_full = true;
+                    if kind == SyncKind::Full
+                        && e.line.as_ref().is_some_and(|(_, l)| l.starts_with("-X "))
+                    {
+                        self.skip_stale_deletion = true;
+                    }
+                    let message = match &e.line {
+                        Some((n, l)) => format!(
+                            "{family}: iptables-restore refused line {n} ({l}): {}",
+                            e.message
+                        ),
+                        None => format!("{family}: {}", e.message),
+                    };
+                    outcome.failure = Some(SyncFailure {
+                        cause: "iptables-restore".into(),
+                        message,
+                    });
+                    return outcome;
+                }
+            }
+        }
+        plan.update.apply_to(&mut self.applied);
+        outcome.rules_written = counts.rules_written;
+        outcome.nat_rules = counts.nat_rules;
+        outcome.filter_rules = counts.filter_rules;
+        self.needs_full = false;
+        if kind == SyncKind::Full {
+            self.adopted = None;
+            self.skip_stale_deletion = false;
+            self.last_canary_check = Some(Instant::now());
+            if let Err(e) = self.applier.ensure_jump_rules(&self.planner.jump_rules()) {
+                self.needs_full = true;
+                outcome.failure = Some(SyncFailure {
+                    cause: "iptables-jump-rules".into(),
+                    message: format!("{family}: {e}"),
+                });
+            }
+        }
+        outcome
+    }
+}
+
+/// The UDP service ports among `changed` that now exist, as conntrack targets.
+fn udp_targets(state: &ProxyState, family: IpFamily, changes: &Changes) -> Vec<UdpServiceTarget> {
+    let ports = state.family(family);
+    changes
+        .ports
+        .iter()
+        .filter(|(f, n)| *f == family && n.protocol == Protocol::Udp)
+        .filter_map(|(_, n)| ports.get(n))
+        .map(|sp| {
+            let mut service_addrs = vec![sp.cluster_ip];
+            service_addrs.extend(sp.external_ips.iter().copied());
+            service_addrs.extend(sp.load_balancer_ips.iter().copied());
+            let mut serving: Vec<SocketAddr> = sp
+                .endpoints
+                .cluster
+                .iter()
+                .chain(sp.endpoints.local.iter())
+                .map(|e| SocketAddr::new(e.ip, e.port))
+                .collect();
+            serving.sort();
+            serving.dedup();
+            UdpServiceTarget {
+                service_addrs,
+                port: sp.port,
+                node_port: sp.node_port,
+                serving,
+            }
+        })
+        .collect()
+}
+
+/// iptables mode for one or both families.
+pub struct IptablesProxier {
+    families: Vec<FamilyProxier>,
+    cleaner: Option<Box<dyn FlowCleaner>>,
+}
+
+impl IptablesProxier {
+    pub fn new(families: Vec<FamilyProxier>, cleaner: Option<Box<dyn FlowCleaner>>) -> Self {
+        IptablesProxier { families, cleaner }
+    }
+
+    /// The real thing: `iptables`/`ip6tables` detected per family, conntrack
+    /// cleanup over netlink.
+    pub fn detect(
+        configs: Vec<FamilyConfig>,
+        preference: BackendPreference,
+    ) -> Result<Self, ProxierError> {
+        let mut families = Vec::with_capacity(configs.len());
+        for cfg in configs {
+            let family = cfg.planner.family;
+            let ipt = Iptables::detect(family, preference)
+                .map_err(|source| ProxierError::Iptables { family, source })?;
+            info!(%family, backend = %ipt.backend(), "iptables backend");
+            families.push(FamilyProxier::new(cfg, Box::new(ipt))?);
+        }
+        Ok(IptablesProxier::new(
+            families,
+            Some(Box::new(ConntrackCleaner::new())),
+        ))
+    }
+
+    pub fn families(&self) -> &[FamilyProxier] {
+        &self.families
+    }
+}
+
+impl Proxier for IptablesProxier {
+    fn mode(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn sync(&mut self, state: &ProxyState, changes: &Changes) -> SyncReport {
+        let start = Instant::now();
+        let mut report = SyncReport {
+            kind: SyncKind::Partial,
+            duration: Duration::ZERO,
+            objects_written: 0,
+            rules_per_table: vec![],
+            no_local_endpoints: vec![],
+            lock_wait: None,
+            failure: None,
+        };
+        let (mut nat, mut filter, mut internal, mut external) = (0, 0, 0, 0);
+        for fp in &mut self.families {
+            let family = fp.family();
+            let o = fp.sync(state, changes);
+            if o.kind == SyncKind::Full {
+                report.kind = SyncKind::Full;
+            }
+            report.objects_written += o.rules_written;
+            nat += o.nat_rules;
+            filter += o.filter_rules;
+            internal += o.no_local_internal;
+            external += o.no_local_external;
+            if let Some(w) = o.lock_wait {
+                report.lock_wait = Some(report.lock_wait.unwrap_or_default() + w);
+            }
+            match o.failure {
+                Some(f) => {
+                    warn!(%family, cause = %f.cause, message = %f.message, "iptables sync failed");
+                    if report.failure.is_none() {
+                        report.failure = Some(f);
+                    }
+                }
+                None => {
+                    if let Some(cleaner) = &self.cleaner {
+                        let targets = udp_targets(state, family, changes);
+                        if !targets.is_empty() {
+                            match cleaner.delete_stale_udp(family, &targets) {
+                                Ok(n) if n > 0 => {
+                                    debug!(%family, deleted = n, "deleted stale UDP conntrack entries")
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    warn!(%family, error = %e, "stale UDP conntrack cleanup failed")
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        report.rules_per_table = vec![("nat".into(), nat), ("filter".into(), filter)];
+        report.no_local_endpoints =
+            vec![("internal".into(), internal), ("external".into(), external)];
+        report.duration = start.elapsed();
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    use kproxy_model::{Endpoint, ServiceEndpoints, ServiceKey, ServicePort};
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    enum Call {
+        Restore(String),
+        Save(Table),
+        Jumps(usize),
+        Canary(Table),
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake {
+        calls: Arc<Mutex<Vec<Call>>>,
+        fail_next_restore: Arc<Mutex<Option<(usize, String)>>>,
+        canary_present: Arc<Mutex<bool>>,
+        save_nat: Arc<Mutex<String>>,
+    }
+
+    impl Fake {
+        fn calls(&self) -> Vec<Call> {
+            self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+        }
+        fn restores(&self) -> Vec<String> {
+            self.calls()
+                .into_iter()
+                .filter_map(|c| match c {
+                    Call::Restore(t) => Some(t),
+                    _ => None,
+                })
+                .collect()
+        }
+        fn clear(&self) {
+            if let Ok(mut c) = self.calls.lock() {
+                c.clear();
+            }
+        }
+        fn record(&self, c: Call) {
+            if let Ok(mut v) = self.calls.lock() {
+                v.push(c);
+            }
+        }
+    }
+
+    impl RuleApplier for Fake {
+        fn restore(&self, text: &str) -> Result<RestoreOutcome, ApplyError> {
+            self.record(Call::Restore(text.to_string()));
+            if let Some(line) = self
+                .fail_next_restore
+                .lock()
+                .ok()
+                .and_then(|mut f| f.take())
+            {
+                return Err(ApplyError {
+                    message: "iptables-restore: exited with status 1".into(),
+                    line: Some(line),
+                });
+            }
+            if let Ok(mut c) = self.canary_present.lock() {
+                *c = true;
+            }
+            Ok(RestoreOutcome {
+                lock_wait: None,
+                duration: Duration::ZERO,
+            })
+        }
+        fn save(&self, table: Table) -> Result<String, ApplyError> {
+            self.record(Call::Save(table));
+            Ok(match table {
+                Table::Nat => self.save_nat.lock().map(|s| s.clone()).unwrap_or_default(),
+                Table::Filter => String::new(),
+            })
+        }
+        fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError> {
+            self.record(Call::Jumps(rules.len()));
+            Ok(())
+        }
+        fn chain_exists(&self, table: Table, _chain: &str) -> Result<bool, ApplyError> {
+            self.record(Call::Canary(table));
+            Ok(self.canary_present.lock().map(|c| *c).unwrap_or(false))
+        }
+    }
+
+    type CleanerCalls = Arc<Mutex<Vec<(IpFamily, Vec<UdpServiceTarget>)>>>;
+
+    #[derive(Clone, Default)]
+    struct FakeCleaner(CleanerCalls);
+
+    impl FlowCleaner for FakeCleaner {
+        fn delete_stale_udp(
+            &self,
+            family: IpFamily,
+            targets: &[UdpServiceTarget],
+        ) -> Result<usize, String> {
+            if let Ok(mut v) = self.0.lock() {
+                v.push((family, targets.to_vec()));
+            }
+            Ok(0)
+        }
+    }
+
+    fn ep(ip: &str, local: bool) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().expect("ip"),
+            port: 53,
+            is_local: local,
+            ready: true,
+            serving: true,
+            terminating: false,
+        }
+    }
+
+    fn port(name: &str, proto: Protocol, cip: &str, eps: Vec<Endpoint>) -> ServicePort {
+        ServicePort {
+            name: ServicePortName {
+                service: ServiceKey::new("ns", name),
+                port: "p".into(),
+                protocol: proto,
+            },
+            family: IpFamily::V4,
+            cluster_ip: cip.parse().expect("ip"),
+            port: 53,
+            target_port: "53".into(),
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            session_affinity_seconds: None,
+            external_policy_local: false,
+            internal_policy_local: false,
+            health_check_node_port: None,
+            endpoints: ServiceEndpoints {
+                all: eps.clone(),
+                cluster: eps.clone(),
+                local: vec![],
+                has_any: !eps.is_empty(),
+            },
+        }
+    }
+
+    fn put(state: &mut ProxyState, sp: ServicePort) -> (IpFamily, ServicePortName) {
+        let key = (IpFamily::V4, sp.name.clone());
+        state.ipv4.insert(sp.name.clone(), Arc::new(sp));
+        key
+    }
+
+    fn setup() -> (IptablesProxier, Fake, FakeCleaner) {
+        let fake = Fake::default();
+        if let Ok(mut s) = fake.save_nat.lock() {
+            *s = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SEP-ZZZZZZZZZZZZZZZZ - [0:0]\n:OTHER - [0:0]\nCOMMIT\n".into();
+        }
+        let cleaner = FakeCleaner::default();
+        let mut fp = FamilyProxier::new(
+            FamilyConfig::new(PlannerConfig::new(IpFamily::V4)),
+            Box::new(fake.clone()),
+        )
+        .expect("config");
+        fp.canary_interval = Duration::ZERO;
+        (
+            IptablesProxier::new(vec![fp], Some(Box::new(cleaner.clone()))),
+            fake,
+            cleaner,
+        )
+    }
+
+    fn changes(ports: &[(IpFamily, ServicePortName)]) -> Changes {
+        Changes {
+            ports: ports.iter().cloned().collect(),
+            force_full: false,
+        }
+    }
+
+    #[test]
+    fn first_sync_adopts_and_is_full_then_partial() {
+        let (mut p, fake, _) = setup();
+        let mut st = ProxyState::default();
+        let dns = put(
+            &mut st,
+            port(
+                "dns",
+                Protocol::Udp,
+                "10.96.0.10",
+                vec![ep("10.1.0.1", false)],
+            ),
+        );
+        let r = p.sync(&st, &changes(std::slice::from_ref(&dns)));
+        assert!(r.succeeded(), "{r:?}");
+        assert_eq!(r.kind, SyncKind::Full);
+        let calls = fake.calls();
+        assert_eq!(calls[0], Call::Save(Table::Nat));
+        assert_eq!(calls[1], Call::Save(Table::Filter));
+        let restores = fake.restores();
+        assert_eq!(restores.len(), 1);
+        assert!(
+            restores[0].contains("-X KUBE-SEP-ZZZZZZZZZZZZZZZZ\n"),
+            "stale chain of a previous run deleted"
+        );
+        assert!(!restores[0].contains("OTHER"));
+        assert!(
+            calls.contains(&Call::Jumps(14)),
+            "jumps ensured on a full sync: {calls:?}"
+        );
+        assert!(r.objects_written > 0);
+        assert_eq!(r.rules_per_table[0].0, "nat");
+        assert!(r.rules_per_table[0].1 >= 6);
+
+        fake.clear();
+        put(
+            &mut st,
+            port(
+                "dns",
+                Protocol::Udp,
+                "10.96.0.10",
+                vec![ep("10.1.0.2", false)],
+            ),
+        );
+        let r = p.sync(&st, &changes(&[dns]));
+        assert!(r.succeeded());
+        assert_eq!(r.kind, SyncKind::Partial);
+        let calls = fake.calls();
+        assert!(
+            !calls
+                .iter()
+                .any(|c| matches!(c, Call::Jumps(_) | Call::Save(_))),
+            "{calls:?}"
+        );
+        let restores = fake.restores();
+        assert_eq!(restores.len(), 1);
+        assert!(restores[0].contains("--to-destination 10.1.0.2:53"));
+        assert!(!restores[0].contains("KUBE-SERVICES"));
+        assert_eq!(
+            r.objects_written, 1,
+            "one rule: the DNAT of the only endpoint"
+        );
+    }
+
+    #[test]
+    fn failure_keeps_previous_and_forces_full() {
+        let (mut p, fake, _) = setup();
+        let mut st = ProxyState::default();
+        let a = put(
+            &mut st,
+            port("a", Protocol::Tcp, "10.96.0.1", vec![ep("10.1.0.1", false)]),
+        );
+        assert!(p.sync(&st, &changes(std::slice::from_ref(&a))).succeeded());
+        let before = p.families()[0].applied().map(|x| x.nat_rules());
+
+        put(&mut st, port("a", Protocol::Tcp, "10.96.0.1", vec![]));
+        if let Ok(mut f) = fake.fail_next_restore.lock() {
+            *f = Some((3, "-A KUBE-SVC-X bad".into()));
+        }
+        let r = p.sync(&st, &changes(&[a]));
+        let failure = r.failure.expect("failure reported");
+        assert_eq!(failure.cause, "iptables-restore");
+        assert!(
+            failure.message.contains("line 3 (-A KUBE-SVC-X bad)"),
+            "{}",
+            failure.message
+        );
+        assert_eq!(
+            p.families()[0].applied().map(|x| x.nat_rules()),
+            before,
+            "previous record kept"
+        );
+
+        fake.clear();
+        let r = p.sync(&st, &Changes::default());
+        assert!(r.succeeded());
+        assert_eq!(
+            r.kind,
+            SyncKind::Full,
+            "a failure forces the next sync to be full"
+        );
+        assert!(fake.restores()[0].contains("has no endpoints"));
+    }
+
+    #[test]
+    fn force_full_canary_and_config_change() {
+        let (mut p, fake, _) = setup();
+        let mut st = ProxyState::default();
+        put(
+            &mut st,
+            port("a", Protocol::Tcp, "10.96.0.1", vec![ep("10.1.0.1", false)]),
+        );
+        assert_eq!(p.sync(&st, &Changes::default()).kind, SyncKind::Full);
+        assert_eq!(p.sync(&st, &Changes::default()).kind, SyncKind::Partial);
+        assert!(fake.restores().len() == 1, "nothing changed: no restore");
+
+        let forced = Changes {
+            force_full: true,
+            ..Changes::default()
+        };
+        assert_eq!(p.sync(&st, &forced).kind, SyncKind::Full);
+
+        // Someone flushed the tables.
+        if let Ok(mut c) = fake.canary_present.lock() {
+            *c = false;
+        }
+        assert_eq!(p.sync(&st, &Changes::default()).kind, SyncKind::Full);
+        assert_eq!(p.sync(&st, &Changes::default()).kind, SyncKind::Partial);
+
+        // The node's pod CIDR changes the hairpin decision: full.
+        st.node.pod_cidrs = vec!["10.1.0.0/24".parse().expect("cidr")];
+        assert_eq!(p.sync(&st, &Changes::default()).kind, SyncKind::Full);
+        assert!(fake
+            .restores()
+            .last()
+            .is_some_and(|t| t.contains("-s 10.1.0.1 -j KUBE-MARK-MASQ")));
+        assert_eq!(p.sync(&st, &Changes::default()).kind, SyncKind::Partial);
+    }
+
+    #[test]
+    fn udp_conntrack_cleanup_for_changed_udp_ports_only() {
+        let (mut p, _fake, cleaner) = setup();
+        let mut st = ProxyState::default();
+        let dns = put(
+            &mut st,
+            port(
+                "dns",
+                Protocol::Udp,
+                "10.96.0.10",
+                vec![ep("10.1.0.1", false), ep("10.1.0.2", true)],
+            ),
+        );
+        let web = put(
+            &mut st,
+            port(
+                "web",
+                Protocol::Tcp,
+                "10.96.0.11",
+                vec![ep("10.1.0.3", false)],
+            ),
+        );
+        assert!(p.sync(&st, &changes(&[dns, web])).succeeded());
+        let calls = cleaner.0.lock().map(|c| c.clone()).unwrap_or_default();
+        assert_eq!(calls.len(), 1);
+        let (family, targets) = &calls[0];
+        assert_eq!(*family, IpFamily::V4);
+        assert_eq!(targets.len(), 1);
+        assert_eq!(
+            targets[0].service_addrs,
+            vec!["10.96.0.10".parse::<std::net::IpAddr>().expect("ip")]
+        );
+        assert_eq!(
+            targets[0].serving,
+            vec![
+                "10.1.0.1:53".parse::<SocketAddr>().expect("sa"),
+                "10.1.0.2:53".parse().expect("sa")
+            ]
+        );
+    }
+
+    #[test]
+    fn no_local_endpoint_counts() {
+        let (mut p, _fake, _) = setup();
+        let mut st = ProxyState::default();
+        let mut sp = port(
+            "itp",
+            Protocol::Tcp,
+            "10.96.0.12",
+            vec![ep("10.1.0.5", false)],
+        );
+        sp.internal_policy_local = true;
+        sp.endpoints.cluster.clear();
+        put(&mut st, sp);
+        let r = p.sync(&st, &Changes::default());
+        assert_eq!(
+            r.no_local_endpoints,
+            vec![("internal".to_string(), 1), ("external".to_string(), 0)]
+        );
+    }
+
+    #[test]
+    fn jump_rules_carry_upstream_comments() {
+        let planner = Planner::new(PlannerConfig::new(IpFamily::V4)).expect("config");
+        let rules: Vec<JumpRule> = planner.jump_rules().iter().map(jump_rule).collect();
+        let pre = rules
+            .iter()
+            .find(|r| r.table == "nat" && r.chain == "PREROUTING")
+            .expect("PREROUTING jump");
+        assert_eq!(
+            pre.rulespec,
+            [
+                "-m",
+                "comment",
+                "--comment",
+                "kubernetes service portals",
+                "-j",
+                "KUBE-SERVICES"
+            ]
+        );
+        let fwd = rules
+            .iter()
+            .find(|r| {
+                r.table == "filter"
+                    && r.chain == "FORWARD"
+                    && r.rulespec.last().is_some_and(|t| t == "KUBE-SERVICES")
+            })
+            .expect("FORWARD jump");
+        assert_eq!(&fwd.rulespec[..4], ["-m", "conntrack", "--ctstate", "NEW"]);
+        assert!(rules.iter().all(|r| r.position == Position::Prepend));
+    }
+}
