@@ -100,6 +100,15 @@ impl Netns {
             label: label.to_string(),
         };
         ns.exec_ok(["ip", "link", "set", "lo", "up"])?;
+        // No duplicate address detection on interfaces created later (link-
+        // local addresses included): a tentative address silently eats the
+        // first IPv6 packets, and UDP does not retransmit.
+        for key in [
+            "net/ipv6/conf/all/accept_dad",
+            "net/ipv6/conf/default/accept_dad",
+        ] {
+            ns.set_sysctl(key, "0")?;
+        }
         Ok(ns)
     }
 
@@ -450,16 +459,11 @@ fn add_pod(node: &Netns, subnet: u8, i: usize, label: &str) -> Result<Pod> {
     let host = u8::try_from(10 + i).context("too many pods")?;
     let ns = Netns::create(&format!("{label}{i}"))?;
     let ipv4 = Ipv4Addr::new(10, 244, subnet, host);
-    let ipv6 = Ipv6Addr::new(
-        0xfd00,
-        0x10,
-        0x244,
-        u16::from(subnet),
-        0,
-        0,
-        0,
-        u16::from(host),
-    );
+    // Written like the IPv4 address: pod 1 of node 1 is 10.244.1.11 and
+    // fd00:10:244:1::11 (hex 0x11), not ::b.
+    let ipv6: Ipv6Addr = format!("fd00:10:244:{subnet}::{host}")
+        .parse()
+        .context("pod IPv6 address")?;
     let host_if = format!("veth-p{i}");
     node.sh(&format!(
         "ip link add {host_if} type veth peer name eth0 netns {}",

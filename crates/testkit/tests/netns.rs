@@ -49,6 +49,7 @@ fn topology_routes_and_a_dnat_rule_reaches_a_pod() {
     let pod1 = topo.pod(1);
     let rpod = topo.remote_pod(0);
     assert_eq!(pod0.ip(), IpAddr::V4(Ipv4Addr::new(10, 244, 1, 10)));
+    assert_eq!(pod1.ip6().to_string(), "fd00:10:244:1::11");
     let _s0 = tcp_echo_server(&pod0.ns, SocketAddr::new(pod0.ip(), 8080)).unwrap();
     let _s1 = tcp_echo_server(&pod1.ns, SocketAddr::new(pod1.ip(), 8080)).unwrap();
     let _s1v6 = tcp_echo_server(&pod1.ns, SocketAddr::new(pod1.ip6(), 8080)).unwrap();
