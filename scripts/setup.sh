@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 for pair in iptables:iptables ip:iproute2 conntrack:conntrack ipvsadm:ipvsadm \
-            curl:curl ps:procps python3:python3; do
+            curl:curl ps:procps python3:python3 jq:jq; do
     cmd=${pair%%:*} pkg=${pair##*:}
     command -v "$cmd" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done

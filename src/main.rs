@@ -1,24 +1,42 @@
 //! kproxy: a drop-in replacement for kube-proxy.
 
-// The proxy runtime that consumes `Settings` is wired in by the integrator;
-// until then most of the parsed configuration is not read.
-#[allow(dead_code)]
+mod backend;
 mod cli;
-#[allow(dead_code)]
 mod config;
+mod dry_run;
+mod logging;
+mod run;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match config::load_settings(std::env::args_os()) {
-        Ok(config::Command::Print(text)) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Ok(config::Command::Run(_) | config::Command::Cleanup(_)) => ExitCode::SUCCESS,
+    let command = match config::load_settings(std::env::args_os()) {
+        Ok(command) => command,
         Err(err) => {
             eprintln!("kproxy: {err}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
+        config::Command::Print(text) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        config::Command::Run(settings) => {
+            logging::init(settings.log_format, settings.verbosity);
+            run::run(*settings)
+        }
+        config::Command::Cleanup(settings) => {
+            logging::init(settings.log_format, settings.verbosity);
+            backend::cleanup(&settings)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line naming the cause chain, as for config errors.
+            eprintln!("kproxy: {err:#}");
+            ExitCode::from(1)
         }
     }
 }

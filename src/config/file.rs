@@ -46,6 +46,8 @@ impl<'de> Deserialize<'de> for GoDuration {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+// Parsed so a real file validates; not every field is read.
+#[allow(dead_code)]
 pub struct KubeProxyConfiguration {
     #[serde(rename = "apiVersion")]
     pub api_version: Option<String>,
@@ -126,6 +128,8 @@ pub struct Logging {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+// Parsed so a real file validates; not every field is read.
+#[allow(dead_code)]
 pub struct VModuleItem {
     #[serde(rename = "filePattern")]
     pub file_pattern: Option<String>,

@@ -1,0 +1,381 @@
+//! The running proxy: API client, watchers, the sync loop, HTTP servers and
+//! signals. This is the binary's edge, so errors are `anyhow` here.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use kproxy_metrics::{
+    node_eligible, DebugState, HealthState, Metrics, ServiceHealthServers, ServiceHealthTarget,
+};
+use kproxy_model::{Proxier, ProxyState, StateBuilder, SyncReport};
+use kproxy_watch::{Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::backend;
+use crate::config::Settings;
+
+/// Runs kproxy until SIGTERM or SIGINT. Rules are left in place on exit:
+/// traffic keeps flowing while kproxy restarts.
+pub fn run(settings: Settings) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kproxy")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(settings))
+}
+
+async fn run_async(settings: Settings) -> Result<()> {
+    for field in &settings.ignored_fields {
+        warn!(field = %field, "accepted but not acted on by kproxy");
+    }
+    for warning in &settings.warnings {
+        warn!("{warning}");
+    }
+    let (sync_period, min_sync_period) = settings.sync_periods();
+
+    // Everything that can fail on bad configuration fails before anything
+    // is started, each with an error naming its cause.
+    let proxier = backend::build(&settings)?;
+    let families = backend::families(&settings);
+    let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), proxier.mode());
+    let health = HealthState::new(2 * sync_period, families);
+    let metrics_listener = bind(settings.metrics_bind_address, "--metrics-bind-address").await?;
+    let healthz_listener = bind(settings.healthz_bind_address, "--healthz-bind-address").await?;
+    let client = kube_client(&settings).await?;
+
+    let builder = Arc::new(Mutex::new(StateBuilder::new(settings.node_name.clone())));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut servers = Vec::new();
+    if let Some(listener) = metrics_listener {
+        info!(address = %local_addr(&listener), "serving /metrics and /debug/state");
+        let debug_state = debug_state(builder.clone());
+        servers.push(tokio::spawn(kproxy_metrics::serve_metrics(
+            listener,
+            metrics.clone(),
+            debug_state,
+            shutdown_signal(shutdown_rx.clone()),
+        )));
+    }
+    if let Some(listener) = healthz_listener {
+        info!(address = %local_addr(&listener), "serving /healthz and /livez");
+        servers.push(tokio::spawn(kproxy_metrics::serve_healthz(
+            listener,
+            health.clone(),
+            metrics.clone(),
+            shutdown_signal(shutdown_rx.clone()),
+        )));
+    }
+
+    let observer = Arc::new(Observer {
+        metrics: metrics.clone(),
+        health: health.clone(),
+    });
+    let watch = WatchHandle::spawn(
+        client,
+        WatchConfig {
+            node_name: settings.node_name.clone(),
+            min_sync_interval: min_sync_period,
+            sync_period,
+        },
+        observer,
+    );
+    info!(
+        node = %settings.node_name,
+        mode = proxier.mode(),
+        "waiting for Services and EndpointSlices to be listed before the first sync"
+    );
+
+    let service_health = ServiceHealthServers::new(
+        vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED)],
+        health.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    let sync_loop = SyncLoop {
+        watch,
+        builder,
+        proxier,
+        metrics,
+        health,
+        service_health,
+        retry_delay: None,
+        sync_period,
+    };
+    let mut sync_task = tokio::spawn(sync_loop.run(shutdown_rx.clone()));
+
+    let signal = wait_for_signal().await;
+    info!(signal, "shutting down; rules stay in place");
+    // The sync loop finishes an apply in progress before it looks at the
+    // shutdown flag, so the kernel never sees half a transaction.
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(Duration::from_secs(20), &mut sync_task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => error!(error = %err, "sync loop ended abnormally"),
+        Err(_) => {
+            warn!("the in-flight sync did not finish within 20s; exiting anyway");
+            sync_task.abort();
+        }
+    }
+    for server in servers {
+        match tokio::time::timeout(Duration::from_secs(5), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => warn!(error = %err, "HTTP server failed"),
+            Ok(Err(err)) => warn!(error = %err, "HTTP server task failed"),
+            Err(_) => warn!("HTTP server did not stop within 5s"),
+        }
+    }
+    Ok(())
+}
+
+/// The one place that turns pending changes into kernel state.
+struct SyncLoop {
+    watch: WatchHandle,
+    builder: Arc<Mutex<StateBuilder>>,
+    proxier: Box<dyn Proxier>,
+    metrics: Metrics,
+    health: HealthState,
+    service_health: ServiceHealthServers,
+    /// Set after a failed sync: retry (as a full sync) after this long even
+    /// if nothing changes, doubling up to the sync period.
+    retry_delay: Option<Duration>,
+    sync_period: Duration,
+}
+
+impl SyncLoop {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut trigger = self.watch.trigger();
+        loop {
+            let reason = tokio::select! {
+                reason = trigger.next() => reason,
+                _ = sleep_opt(self.retry_delay) => TriggerReason::Changes,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            let pending = self.watch.take_pending();
+            let report = tokio::task::block_in_place(|| self.sync_once(reason, &pending));
+            self.after_sync(&report, &pending);
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    fn sync_once(&mut self, reason: TriggerReason, pending: &Pending) -> SyncReport {
+        let builder_lock = self.builder.clone();
+        let mut builder = builder_lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut applied = self.watch.apply_to(&mut builder, pending);
+        if reason == TriggerReason::Periodic || self.retry_delay.is_some() {
+            applied.changes.force_full = true;
+        }
+        for rejection in &applied.new_rejections {
+            warn!(
+                kind = %rejection.kind,
+                namespace = %rejection.namespace,
+                name = %rejection.name,
+                reason = %rejection.reason,
+                "object rejected; its previous valid version (if any) stays in effect"
+            );
+            self.metrics.rejected(&rejection.kind.to_string());
+        }
+        let state = builder.state();
+        self.update_node_eligibility(state);
+        let report = self.proxier.sync(state, &applied.changes);
+        if report.succeeded() {
+            self.update_service_health(state);
+        }
+        debug!(
+            reason = ?reason,
+            kind = report.kind.as_str(),
+            duration_ms = report.duration.as_secs_f64() * 1e3,
+            written = report.objects_written,
+            changed_ports = applied.changes.ports.len(),
+            "sync done"
+        );
+        report
+    }
+
+    fn after_sync(&mut self, report: &SyncReport, pending: &Pending) {
+        self.metrics.observe_sync(report);
+        self.metrics.set_pending(0, 0);
+        match &report.failure {
+            None => {
+                self.health.updated();
+                self.retry_delay = None;
+                let now = SystemTime::now();
+                for times in pending.trigger_times.values() {
+                    for t in times {
+                        if let Ok(latency) = now.duration_since(*t) {
+                            self.metrics.observe_network_programming(latency);
+                        }
+                    }
+                }
+            }
+            Some(failure) => {
+                // Until a sync succeeds the kernel is behind: health must
+                // see a pending update even if no new change arrives.
+                self.health.queued_update();
+                let delay = self
+                    .retry_delay
+                    .map_or(Duration::from_secs(1), |d| (d * 2).min(self.sync_period));
+                self.retry_delay = Some(delay);
+                error!(
+                    cause = %failure.cause,
+                    error = %failure.message,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "sync failed; the previous rules stay in place, retrying as a full sync"
+                );
+            }
+        }
+    }
+
+    fn update_node_eligibility(&self, state: &ProxyState) {
+        let taints = self
+            .watch
+            .node()
+            .and_then(|n| n.spec.clone())
+            .and_then(|s| s.taints);
+        let keys = taints.iter().flatten().map(|t| t.key.as_str());
+        self.health
+            .set_node_eligible(node_eligible(state.node.deleting, keys));
+    }
+
+    fn update_service_health(&mut self, state: &ProxyState) {
+        let mut desired = BTreeMap::new();
+        for sp in state.ipv4.values().chain(state.ipv6.values()) {
+            if let Some(port) = sp.health_check_node_port {
+                let target = desired.entry(port).or_insert_with(|| ServiceHealthTarget {
+                    namespace: sp.name.service.namespace.clone(),
+                    name: sp.name.service.name.clone(),
+                    local_endpoints: 0,
+                });
+                target.local_endpoints = target.local_endpoints.max(sp.endpoints.local.len());
+            }
+        }
+        for err in self.service_health.sync(&desired) {
+            warn!(
+                port = err.port,
+                service = %format!("{}/{}", err.target.namespace, err.target.name),
+                error = %err.error,
+                "cannot serve healthCheckNodePort; retrying on the next sync"
+            );
+        }
+    }
+}
+
+async fn sleep_opt(delay: Option<Duration>) {
+    match delay {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Feeds watch activity into metrics and health.
+struct Observer {
+    metrics: Metrics,
+    health: HealthState,
+}
+
+impl WatchObserver for Observer {
+    fn service_changed(&self) {
+        self.metrics.service_changed();
+    }
+    fn endpoint_slice_changed(&self) {
+        self.metrics.endpoint_slice_changed();
+    }
+    fn change_queued(&self, _at: SystemTime) {
+        self.metrics.sync_queued();
+        self.health.queued_update();
+    }
+    fn relisted(&self, kind: &str) {
+        info!(
+            kind,
+            "relisted after a watch interruption; next sync is full"
+        );
+    }
+    fn watch_error(&self, kind: &str, err: &str) {
+        warn!(
+            kind,
+            error = err,
+            "watch failed; retrying with backoff, rules stay in place"
+        );
+    }
+}
+
+fn debug_state(builder: Arc<Mutex<StateBuilder>>) -> DebugState {
+    Arc::new(move || {
+        let builder = builder.lock().unwrap_or_else(PoisonError::into_inner);
+        serde_json::to_string_pretty(builder.state())
+            .unwrap_or_else(|err| format!("{{\"error\": \"cannot serialize state: {err}\"}}"))
+    })
+}
+
+async fn bind(addr: Option<std::net::SocketAddr>, flag: &str) -> Result<Option<TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .with_context(|| format!("{flag} {addr}: cannot listen")),
+    }
+}
+
+fn local_addr(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string())
+}
+
+async fn shutdown_signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(term), Ok(int)) => (term, int),
+        _ => {
+            // Without signal handlers the default action (exit) applies,
+            // which also leaves the rules in place.
+            warn!("cannot install signal handlers");
+            std::future::pending::<()>().await;
+            return "none";
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// The API client: `--kubeconfig` (or the config file's
+/// `clientConnection.kubeconfig`), else in-cluster; `--master` overrides the
+/// server address. Never the `kubernetes` Service VIP we program ourselves
+/// is only used if the kubeconfig says so.
+async fn kube_client(settings: &Settings) -> Result<kube::Client> {
+    let mut config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}: cannot read", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}: invalid", path.display()))?
+        }
+        None => kube::Config::incluster().context(
+            "no --kubeconfig given and not running in a pod (in-cluster config unavailable)",
+        )?,
+    };
+    if let Some(master) = &settings.master {
+        config.cluster_url = master
+            .parse()
+            .with_context(|| format!("--master {master:?}: not a URL"))?;
+    }
+    kube::Client::try_from(config).context("building the Kubernetes API client")
+}
