@@ -493,7 +493,7 @@ impl Iptables {
                 .run(&self.stem, &["--version".to_string()], None);
             match out {
                 Ok(out) if out.success() => parse_version(&String::from_utf8_lossy(&out.stdout))
-                    .is_some_and(|v| v >= (1, 6, 2) && v < (1, 8, 8)),
+                    .is_some_and(|v| ((1, 6, 2)..(1, 8, 8)).contains(&v)),
                 _ => false,
             }
         })
@@ -782,18 +782,26 @@ fn locate_failed_line(text: &str, number: usize, stderr: &str) -> Option<FailedL
 }
 
 /// Whether another process holds the xtables lock right now (legacy
-/// iptables serialises on it; iptables does not say whether it waited).
-/// Probes with a non-blocking shared lock that is released at once.
+/// iptables serialises on it and does not say whether it waited). Probes
+/// with util-linux `flock --nonblock --shared`, released at once; without
+/// that tool it reports no contention. (std's `File::try_lock_shared` is
+/// newer than our MSRV, and unsafe code is reserved for `setns`.)
 fn xtables_lock_contended(lock_file: Option<OsString>) -> bool {
     let path = lock_file.unwrap_or_else(|| "/run/xtables.lock".into());
-    let Ok(file) = std::fs::File::open(&path) else {
+    if !Path::new(&path).exists() {
         return false;
-    };
-    // The shared lock (if we got it) is released when `file` is dropped.
-    matches!(
-        file.try_lock_shared(),
-        Err(std::fs::TryLockError::WouldBlock)
-    )
+    }
+    Command::new("flock")
+        .arg("--nonblock")
+        .arg("--shared")
+        .arg(&path)
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.code() == Some(1))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
