@@ -34,8 +34,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // One line naming the cause chain, as for config errors.
-            eprintln!("kproxy: {err:#}");
+            // One line naming the cause chain, as for config errors; some
+            // causes (YAML parsers) format over several lines.
+            let message = format!("{err:#}");
+            let one_line: Vec<&str> = message
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("kproxy: {}", one_line.join(" "));
             ExitCode::from(1)
         }
     }
