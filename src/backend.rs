@@ -22,9 +22,7 @@ pub fn build(settings: &Settings) -> Result<Box<dyn Proxier>> {
     }
     match settings.mode {
         ProxyMode::Iptables => build_iptables(settings),
-        ProxyMode::Ipvs => {
-            bail!("--mode=ipvs: the IPVS backend is not built yet; use --mode=iptables")
-        }
+        ProxyMode::Ipvs => build_ipvs(settings),
     }
 }
 
@@ -165,6 +163,15 @@ fn on_path(program: &str) -> bool {
 /// them), and leaves everything else alone.
 pub fn cleanup(_settings: &Settings) -> Result<()> {
     let mut errors = Vec::new();
+    // IPVS mode: virtual servers on kube-ipvs0 and node addresses, kube-ipvs0, IPVS-only chains.
+    match kproxy_ipvs::cleanup() {
+        Ok(report) => info!(
+            services = report.ipvs_services_removed,
+            dummy = report.dummy_removed,
+            "IPVS cleanup done"
+        ),
+        Err(err) => errors.push(format!("ipvs: {err}")),
+    }
     for family in IpFamily::ALL {
         let stem = match family {
             IpFamily::V4 => "iptables",
@@ -190,4 +197,43 @@ pub fn cleanup(_settings: &Settings) -> Result<()> {
         bail!("--cleanup: {}", errors.join("; "));
     }
     Ok(())
+}
+
+// ---- IPVS mode (owned by kproxy-ipvs) ----
+
+/// `--mode=ipvs`: settings → [`kproxy_ipvs::IpvsConfig`].
+fn build_ipvs(settings: &Settings) -> Result<Box<dyn Proxier>> {
+    let mut node_ips = Vec::new();
+    if !settings.nodeport_addresses.is_empty() {
+        let local = netutil::local_addresses().context("listing the node's addresses")?;
+        for family in IpFamily::ALL {
+            if let NodePortAddresses::Ips(ips) = nodeport_addresses(settings, family, &local) {
+                node_ips.extend(ips);
+            }
+        }
+    }
+    let cluster_cidrs = match &settings.detect_local {
+        LocalDetection::ClusterCidr(cidrs) => cidrs.clone(),
+        LocalDetection::None => Vec::new(),
+        other => {
+            warn!(detect_local = ?other, "--mode=ipvs detects local traffic by cluster CIDR only; using --cluster-cidr");
+            settings.cluster_cidrs.clone()
+        }
+    };
+    let config = kproxy_ipvs::IpvsConfig {
+        scheduler: settings.ipvs.scheduler.as_str().to_string(),
+        node_ips,
+        masquerade_bit: settings.iptables.masquerade_bit,
+        masquerade_all: settings.iptables.masquerade_all,
+        cluster_cidrs,
+        strict_arp: settings.ipvs.strict_arp,
+        exclude_cidrs: settings.ipvs.exclude_cidrs.clone(),
+        tcp_timeout: settings.ipvs.tcp_timeout,
+        tcp_fin_timeout: settings.ipvs.tcp_fin_timeout,
+        udp_timeout: settings.ipvs.udp_timeout,
+        iptables_backend: backend_preference(settings.iptables_backend),
+        ..kproxy_ipvs::IpvsConfig::default()
+    };
+    let proxier = kproxy_ipvs::IpvsProxier::new(config).context("--mode=ipvs")?;
+    Ok(Box::new(proxier))
 }

@@ -16,6 +16,7 @@ mod errno;
 pub mod link;
 mod nl;
 pub mod planner;
+pub mod proxier;
 pub mod rules;
 pub mod sysctl;
 
@@ -28,4 +29,5 @@ pub use diff::{diff, CurrentService, DrainPolicy, DrainState, Op};
 pub use errno::errno_text;
 pub use link::{AddressSync, LinkClient, LinkError, DEFAULT_DUMMY_NAME};
 pub use planner::{plan, DesiredService, IpvsConfig, Plan, VsKind};
+pub use proxier::{cleanup, CleanupError, CleanupReport, IpvsProxier, IpvsProxierError};
 pub use sysctl::{apply_sysctls, ipvs_sysctls, Sysctl, SysctlOptions, SysctlOutcome, SysctlReport};
