@@ -572,6 +572,76 @@ pub fn udp_reply_server(ns: &Netns, addr: SocketAddr, reply: String) -> Result<S
     })
 }
 
+/// A TCP server bound to `addr` inside `ns` that answers every connection
+/// with `"<ns name> <peer address>"` and closes it: tells a test which
+/// backend answered and which source address it saw (masquerading or not).
+/// Parse the reply with [`parse_peer_reply`].
+pub fn tcp_peer_server(ns: &Netns, addr: SocketAddr) -> Result<ServerHandle> {
+    let listener = ns.run_in(move || TcpListener::bind(addr))??;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    let name = ns.name().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        while !stop2.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut conn, peer)) => {
+                    let _ = conn.set_nonblocking(false);
+                    let _ = conn.write_all(format!("{name} {peer}").as_bytes());
+                    let _ = conn.shutdown(std::net::Shutdown::Write);
+                    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut sink = [0u8; 512];
+                    while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
+                }
+                Err(_) => std::thread::sleep(POLL),
+            }
+        }
+    });
+    Ok(ServerHandle {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// A UDP server bound to `addr` inside `ns` that answers every datagram
+/// with `"<ns name> <peer address>"` (see [`tcp_peer_server`]).
+pub fn udp_peer_server(ns: &Netns, addr: SocketAddr) -> Result<ServerHandle> {
+    let socket = ns.run_in(move || UdpSocket::bind(addr))??;
+    socket.set_read_timeout(Some(POLL))?;
+    let addr = socket.local_addr()?;
+    let name = ns.name().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !stop2.load(Ordering::Relaxed) {
+            if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(format!("{name} {peer}").as_bytes(), peer);
+            }
+        }
+    });
+    Ok(ServerHandle {
+        addr,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Splits a [`tcp_peer_server`] / [`udp_peer_server`] reply into the
+/// answering namespace's name and the peer address it saw.
+pub fn parse_peer_reply(reply: &str) -> Result<(String, SocketAddr)> {
+    let (name, peer) = reply
+        .trim()
+        .split_once(' ')
+        .ok_or_else(|| anyhow!("not a peer-server reply: {reply:?}"))?;
+    let peer = peer
+        .parse()
+        .with_context(|| format!("bad peer address in {reply:?}"))?;
+    Ok((name.to_string(), peer))
+}
+
 /// Default timeout of the request helpers.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
