@@ -23,17 +23,26 @@ case "$(cd "$CARGO_TARGET_DIR" 2>/dev/null && pwd -P || echo "$CARGO_TARGET_DIR"
 esac
 
 start=$(date +%s)
-echo "== building kproxy-ipvs test binaries"
+echo "== building kproxy-ipvs and ipvs_e2e test binaries"
 # One JSON line per artifact; test binaries are those with an "executable".
-mapfile -t BINS < <(
-    cargo test -p kproxy-ipvs --no-run --message-format=json 2>/dev/null |
-        jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true) | .executable'
-)
-if [ "${#BINS[@]}" -eq 0 ]; then
-    echo "test-ipvs-vm: no test binaries built; cargo says:" >&2
-    cargo test -p kproxy-ipvs --no-run >&2
-    exit 1
-fi
+# kproxy-ipvs's own tests, then the root package's tests/ipvs_e2e.rs (which
+# also builds the kproxy binary it runs).
+BUILDS=("-p kproxy-ipvs" "-p kproxy --test ipvs_e2e")
+BINS=()
+for b in "${BUILDS[@]}"; do
+    # shellcheck disable=SC2086
+    mapfile -t found < <(
+        cargo test $b --no-run --message-format=json 2>/dev/null |
+            jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test == true) | .executable'
+    )
+    if [ "${#found[@]}" -eq 0 ]; then
+        echo "test-ipvs-vm: no test binaries built for $b; cargo says:" >&2
+        # shellcheck disable=SC2086
+        cargo test $b --no-run >&2
+        exit 1
+    fi
+    BINS+=("${found[@]}")
+done
 built=$(date +%s)
 printf '   %s\n' "${BINS[@]}"
 
