@@ -25,177 +25,240 @@ use crate::config::ConfigError;
 )]
 pub struct Cli {
     /// Proxy mode: iptables (default) or ipvs.
-    #[arg(long, visible_alias = "proxy-mode", value_name = "MODE")]
+    #[arg(global = true, long, visible_alias = "proxy-mode", value_name = "MODE")]
     pub mode: Option<String>,
 
     /// Path to a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(global = true, long, value_name = "FILE")]
     pub config: Option<String>,
 
     /// Path to a kubeconfig file with authorization information.
-    #[arg(long, value_name = "FILE")]
+    #[arg(global = true, long, value_name = "FILE")]
     pub kubeconfig: Option<String>,
 
     /// Address of the Kubernetes API server (overrides the kubeconfig's server).
-    #[arg(long, value_name = "URL")]
+    #[arg(global = true, long, value_name = "URL")]
     pub master: Option<String>,
 
     /// Node name to use instead of $NODE_NAME or the machine hostname.
-    #[arg(long, value_name = "NAME")]
+    #[arg(global = true, long, value_name = "NAME")]
     pub hostname_override: Option<String>,
 
     /// Pod CIDR(s), comma-separated, at most one per IP family.
-    #[arg(long, value_name = "CIDRS")]
+    #[arg(global = true, long, value_name = "CIDRS")]
     pub cluster_cidr: Option<String>,
 
     /// Local traffic detection: ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix.
-    #[arg(long, value_name = "MODE")]
+    #[arg(global = true, long, value_name = "MODE")]
     pub detect_local_mode: Option<String>,
 
     /// Bridge interface for --detect-local-mode=BridgeInterface.
-    #[arg(long, value_name = "NAME")]
+    #[arg(global = true, long, value_name = "NAME")]
     pub pod_bridge_interface: Option<String>,
 
     /// Interface name prefix for --detect-local-mode=InterfaceNamePrefix.
-    #[arg(long, value_name = "PREFIX")]
+    #[arg(global = true, long, value_name = "PREFIX")]
     pub pod_interface_name_prefix: Option<String>,
 
     /// Metrics server address, IP[:port] (default 127.0.0.1:10249); empty disables.
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(global = true, long, value_name = "IP:PORT")]
     pub metrics_bind_address: Option<String>,
 
     /// Health check server address, IP[:port] (default 0.0.0.0:10256); empty disables.
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(global = true, long, value_name = "IP:PORT")]
     pub healthz_bind_address: Option<String>,
 
     /// The node's primary IP override (no socket is bound to it).
-    #[arg(long, value_name = "IP")]
+    #[arg(global = true, long, value_name = "IP")]
     pub bind_address: Option<String>,
 
     /// Maximum interval between full iptables resyncs (default 30s).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub iptables_sync_period: Option<String>,
 
     /// Minimum interval between iptables resyncs (default 1s; 0 = sync on every change).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub iptables_min_sync_period: Option<String>,
 
     /// fwmark bit used to mark packets for SNAT, 0..=31 (default 14).
-    #[arg(long, value_name = "BIT")]
+    #[arg(global = true, long, value_name = "BIT")]
     pub iptables_masquerade_bit: Option<String>,
 
     /// SNAT all traffic sent to Service cluster IPs.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub masquerade_all: Option<String>,
 
     /// Allow NodePorts on 127.0.0.1 (IPv4 iptables mode; default true).
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub iptables_localhost_nodeports: Option<String>,
 
     /// NodePort addresses: comma-separated CIDRs, or "primary" (default: all local IPs).
-    #[arg(long, value_name = "CIDRS", action = clap::ArgAction::Append)]
+    #[arg(global = true, long, value_name = "CIDRS", action = clap::ArgAction::Append)]
     pub nodeport_addresses: Vec<String>,
 
     /// IPVS scheduler: rr wrr lc wlc lblc lblcr sh dh sed nq mh (default rr).
-    #[arg(long, value_name = "NAME")]
+    #[arg(global = true, long, value_name = "NAME")]
     pub ipvs_scheduler: Option<String>,
 
     /// Maximum interval between full IPVS resyncs (default 30s).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub ipvs_sync_period: Option<String>,
 
     /// Minimum interval between IPVS resyncs (default 0s = sync on every change).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub ipvs_min_sync_period: Option<String>,
 
     /// Set arp_ignore=1 and arp_announce=2 for kube-ipvs0.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub ipvs_strict_arp: Option<String>,
 
     /// CIDRs whose IPVS services kproxy must not touch during cleanup (comma-separated).
-    #[arg(long, value_name = "CIDRS", action = clap::ArgAction::Append)]
+    #[arg(global = true, long, value_name = "CIDRS", action = clap::ArgAction::Append)]
     pub ipvs_exclude_cidrs: Vec<String>,
 
     /// IPVS idle TCP session timeout (0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub ipvs_tcp_timeout: Option<String>,
 
     /// IPVS TCP timeout after FIN (0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub ipvs_tcpfin_timeout: Option<String>,
 
     /// IPVS UDP timeout (0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub ipvs_udp_timeout: Option<String>,
 
     /// Conntrack entries per CPU core (default 32768; 0 = leave the limit as is).
-    #[arg(long, value_name = "N")]
+    #[arg(global = true, long, value_name = "N")]
     pub conntrack_max_per_core: Option<String>,
 
     /// Minimum conntrack table size (default 131072).
-    #[arg(long, value_name = "N")]
+    #[arg(global = true, long, value_name = "N")]
     pub conntrack_min: Option<String>,
 
     /// Idle timeout for established TCP connections (default 24h; 0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub conntrack_tcp_timeout_established: Option<String>,
 
     /// Timeout for TCP connections in CLOSE_WAIT (default 1h; 0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub conntrack_tcp_timeout_close_wait: Option<String>,
 
     /// Set nf_conntrack_tcp_be_liberal=1.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub conntrack_tcp_be_liberal: Option<String>,
 
     /// Idle timeout for UNREPLIED UDP flows (0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub conntrack_udp_timeout: Option<String>,
 
     /// Idle timeout for ASSURED UDP flows (0 = leave as is).
-    #[arg(long, value_name = "DURATION")]
+    #[arg(global = true, long, value_name = "DURATION")]
     pub conntrack_udp_timeout_stream: Option<String>,
 
     /// Log format: text (default) or json.
-    #[arg(long, visible_alias = "logging-format", value_name = "FORMAT")]
+    #[arg(
+        global = true,
+        long,
+        visible_alias = "logging-format",
+        value_name = "FORMAT"
+    )]
     pub log_format: Option<String>,
 
     /// Log verbosity, 0..=10 (kube-proxy style: -v=2, --v=4).
-    #[arg(short = 'v', long = "v", value_name = "N")]
+    #[arg(global = true, short = 'v', long = "v", value_name = "N")]
     pub verbosity: Option<String>,
 
     /// Compute and log the rules, but apply nothing.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub dry_run: Option<String>,
 
     /// Remove kproxy/kube-proxy rules and exit.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub cleanup: Option<String>,
 
     /// iptables binaries: auto (detect), legacy or nft.
-    #[arg(long, value_name = "BACKEND")]
+    #[arg(global = true, long, value_name = "BACKEND")]
     pub iptables_backend: Option<String>,
 
     // kube-proxy flags accepted so existing manifests keep working; kproxy
     // does not act on them and reports them in `Settings::ignored_fields`.
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub oom_score_adj: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub feature_gates: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub profiling: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub config_sync_period: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub kube_api_qps: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub kube_api_burst: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub kube_api_content_type: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    #[arg(global = true, long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub bind_address_hard_fail: Option<String>,
-    #[arg(long, hide = true)]
+    #[arg(global = true, long, hide = true)]
     pub show_hidden_metrics_for_version: Option<String>,
+
+    /// A debugging tool instead of running the proxy (none: run).
+    #[command(subcommand)]
+    pub tool: Option<ToolCommand>,
+}
+
+/// `kproxy dump|diff|trace`: the operator's debugging tools. Every flag of
+/// the proxy is accepted after the subcommand too (they are global), so the
+/// tools resolve exactly the settings `kproxy [flags]` would run with.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum ToolCommand {
+    /// Print the rules kproxy would program for the current cluster state.
+    Dump(ToolInput),
+    /// Compare the rules kproxy would program with the kernel's (exit 1 when they differ).
+    Diff(ToolInput),
+    /// Follow a connection's first packet through the planned rules.
+    Trace(TraceArgs),
+}
+
+/// Where the cluster state comes from and how to print the result.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ToolInput {
+    /// Read Services, EndpointSlices and optionally the Node from this
+    /// multi-document YAML file instead of listing them from the API server.
+    #[arg(long, value_name = "FILE")]
+    pub from_file: Option<String>,
+
+    /// Only this IP family: ipv4 or ipv6 (default: both; trace: the destination's).
+    #[arg(long, value_name = "FAMILY")]
+    pub family: Option<String>,
+
+    /// Output format: text (default) or json.
+    #[arg(long, short = 'o', value_name = "FORMAT")]
+    pub output: Option<String>,
+
+    /// The node's local addresses, comma-separated (default: read from the
+    /// current network namespace). Used for --nodeport-addresses and by trace.
+    #[arg(long, value_name = "IPS")]
+    pub local_addresses: Option<String>,
+}
+
+/// `kproxy trace`: the packet and where it enters.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    #[command(flatten)]
+    pub input: ToolInput,
+
+    /// The client's address.
+    #[arg(long, value_name = "IP")]
+    pub src: String,
+
+    /// The destination, e.g. 10.96.0.10:80/TCP or [fd00::10]:53/UDP (protocol defaults to TCP).
+    #[arg(long, value_name = "IP:PORT/PROTO")]
+    pub dst: String,
+
+    /// The interface the packet arrives on (omit for traffic from the node itself).
+    #[arg(long, value_name = "NAME")]
+    pub in_interface: Option<String>,
 }
 
 impl Cli {

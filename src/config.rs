@@ -37,6 +37,9 @@ pub enum Command {
     Cleanup(Box<Settings>),
     /// `--help` / `--version`: print this to stdout and exit 0.
     Print(String),
+    /// `kproxy dump|diff|trace`: a debugging tool with the settings the
+    /// proxy would run with.
+    Tool(Box<Settings>, cli::ToolCommand),
 }
 
 /// Fully resolved configuration.
@@ -269,6 +272,14 @@ where
     };
     let cleanup = resolve::flag_bool(&cli.cleanup, "cleanup")?.unwrap_or(false);
     let settings = resolve::resolve(&cli, config_path, file.as_ref(), env)?;
+    if let Some(tool) = cli.tool.clone() {
+        if cleanup {
+            return Err(ConfigError::Usage(
+                "--cleanup cannot be combined with a subcommand (see --help)".to_string(),
+            ));
+        }
+        return Ok(Command::Tool(Box::new(settings), tool));
+    }
     Ok(if cleanup {
         Command::Cleanup(Box::new(settings))
     } else {

@@ -6,6 +6,7 @@ mod config;
 mod dry_run;
 mod logging;
 mod run;
+mod tools;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,13 @@ fn main() -> ExitCode {
         config::Command::Run(settings) => {
             logging::init(settings.log_format, settings.verbosity);
             run::run(*settings)
+        }
+        config::Command::Tool(settings, tool) => {
+            // Tools report on stdout; logs (stderr) only when asked for with -v.
+            if settings.verbosity > 0 {
+                logging::init(settings.log_format, settings.verbosity);
+            }
+            return tools::main(*settings, tool);
         }
         config::Command::Cleanup(settings) => {
             logging::init(settings.log_format, settings.verbosity);

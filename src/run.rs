@@ -49,6 +49,8 @@ async fn run_async(settings: Settings) -> Result<()> {
     let metrics_listener = bind(settings.metrics_bind_address, "--metrics-bind-address").await?;
     let healthz_listener = bind(settings.healthz_bind_address, "--healthz-bind-address").await?;
     let client = kube_client(&settings).await?;
+    // Rejected objects become Events (rate-limited; see tools::events).
+    let events = crate::tools::events::EventSink::spawn(client.clone(), &settings.node_name);
 
     let builder = Arc::new(Mutex::new(StateBuilder::new(settings.node_name.clone())));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -106,6 +108,7 @@ async fn run_async(settings: Settings) -> Result<()> {
         service_health,
         retry_delay: None,
         sync_period,
+        events,
     };
     let mut sync_task = tokio::spawn(sync_loop.run(shutdown_rx.clone()));
 
@@ -145,6 +148,8 @@ struct SyncLoop {
     /// if nothing changes, doubling up to the sync period.
     retry_delay: Option<Duration>,
     sync_period: Duration,
+    /// Posts Events about rejected objects.
+    events: crate::tools::events::EventSink,
 }
 
 impl SyncLoop {
@@ -173,13 +178,10 @@ impl SyncLoop {
             applied.changes.force_full = true;
         }
         for rejection in &applied.new_rejections {
-            warn!(
-                kind = %rejection.kind,
-                namespace = %rejection.namespace,
-                name = %rejection.name,
-                reason = %rejection.reason,
-                "object rejected; its previous valid version (if any) stays in effect"
-            );
+            // Log line with `service="ns/name"`, and an Event on the object.
+            let service = crate::tools::events::rejection_service(rejection, &pending.services);
+            crate::tools::events::log_rejection(rejection, service.as_deref());
+            self.events.rejected(rejection);
             self.metrics.rejected(&rejection.kind.to_string());
         }
         let state = builder.state();
@@ -359,7 +361,7 @@ async fn wait_for_signal() -> &'static str {
 /// `clientConnection.kubeconfig`), else in-cluster; `--master` overrides the
 /// server address. Never the `kubernetes` Service VIP we program ourselves
 /// is only used if the kubeconfig says so.
-async fn kube_client(settings: &Settings) -> Result<kube::Client> {
+pub(crate) async fn kube_client(settings: &Settings) -> Result<kube::Client> {
     let mut config = match &settings.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
