@@ -724,9 +724,23 @@ fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
 }
 
 /// The line number iptables-restore names: "Error occurred at line: N"
-/// (legacy and nft up to 1.8.x) or "line N failed" (newer nft).
+/// (legacy and nft up to 1.8.x), "line N failed" (newer nft) or, for
+/// errors the kernel reports at commit (iptables-nft 1.8.9), "line N: OP
+/// failed (reason): ..." such as "line 5: CHAIN_DEL failed (Device or
+/// resource busy): chain X".
 fn parse_failed_line(stderr: &str) -> Option<usize> {
     for line in stderr.lines() {
+        if let Some((n, tail)) = line
+            .trim_start()
+            .strip_prefix("line ")
+            .and_then(|rest| rest.split_once(':'))
+        {
+            if tail.contains("failed") {
+                if let Ok(n) = n.trim().parse() {
+                    return Some(n);
+                }
+            }
+        }
         if let Some(rest) = line.split("Error occurred at line:").nth(1) {
             if let Ok(n) = rest.trim().parse() {
                 return Some(n);
@@ -838,6 +852,12 @@ mod tests {
         assert_eq!(
             parse_failed_line("iptables-nft-restore: line 12 failed: Invalid argument"),
             Some(12)
+        );
+        assert_eq!(
+            parse_failed_line(
+                "iptables-nft-restore v1.8.9 (nf_tables): \nline 5: CHAIN_DEL failed (Device or resource busy): chain KUBE-SVC-X\n"
+            ),
+            Some(5)
         );
         assert_eq!(parse_failed_line("something else"), None);
     }
