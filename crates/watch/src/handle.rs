@@ -240,6 +240,46 @@ impl Watched for Node {
     }
 }
 
+/// Retry delays of a failed watch: 100 ms doubling to 400 ms, plus up to
+/// 100 ms of jitter. kube's default (client-go's 0.8 s doubling to 30 s)
+/// would leave the node's rules up to 30 s behind after an API server
+/// outage; kproxy must catch up within a second of the server's return.
+/// The jitter spreads a fleet's reconnects; each retry is one cheap request.
+#[derive(Debug, Default)]
+struct WatchBackoff {
+    current: Option<Duration>,
+}
+
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
+const WATCH_RETRY_MAX: Duration = Duration::from_millis(400);
+const WATCH_RETRY_JITTER_MS: u32 = 100;
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let next = self
+            .current
+            .map_or(WATCH_RETRY_MIN, |d| (d * 2).min(WATCH_RETRY_MAX));
+        self.current = Some(next);
+        // Jitter from the clock's sub-second part: no RNG needed for this.
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Some(next + Duration::from_millis(u64::from(nanos % WATCH_RETRY_JITTER_MS)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.current = None;
+    }
+}
+
+fn watch_backoff() -> WatchBackoff {
+    WatchBackoff::default()
+}
+
 async fn run_watcher<K: Watched>(
     api: Api<K>,
     config: watcher::Config,
@@ -248,7 +288,7 @@ async fn run_watcher<K: Watched>(
     observer: Arc<dyn WatchObserver>,
 ) {
     let name = kind.name();
-    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
+    let mut stream = std::pin::pin!(watcher(api, config).backoff(watch_backoff()));
     while let Some(item) = stream.next().await {
         match item {
             Ok(event) => {
@@ -267,7 +307,7 @@ async fn run_watcher<K: Watched>(
             }
         }
     }
-    // `default_backoff` retries forever, so this is not expected.
+    // The backoff retries forever, so this is not expected.
     warn!(kind = name, "watch stream ended");
 }
 
@@ -323,5 +363,19 @@ mod tests {
     fn field_values_are_escaped() {
         assert_eq!(escape_field_value("node-1.example"), "node-1.example");
         assert_eq!(escape_field_value(r"a,b=c\d"), r"a\,b\=c\\d");
+    }
+
+    #[test]
+    fn watch_retries_stay_under_half_a_second_and_reset() {
+        use kube::runtime::utils::Backoff;
+        let mut b = watch_backoff();
+        let delays: Vec<Duration> = (0..10).map(|_| b.next().unwrap()).collect();
+        assert!(delays[0] >= WATCH_RETRY_MIN && delays[0] < Duration::from_millis(200));
+        for d in &delays {
+            assert!(*d < WATCH_RETRY_MAX + Duration::from_millis(100), "{d:?}");
+        }
+        assert!(delays[9] >= WATCH_RETRY_MAX);
+        b.reset();
+        assert!(b.next().unwrap() < Duration::from_millis(200));
     }
 }
