@@ -41,14 +41,15 @@ async fn run_async(settings: Settings) -> Result<()> {
     let (sync_period, min_sync_period) = settings.sync_periods();
 
     // Everything that can fail on bad configuration fails before anything
-    // is started, each with an error naming its cause.
+    // is started, each with an error naming its cause; the backend, which
+    // touches the kernel (sysctls), comes last.
+    let client = kube_client(&settings).await?;
+    let metrics_listener = bind(settings.metrics_bind_address, "--metrics-bind-address").await?;
+    let healthz_listener = bind(settings.healthz_bind_address, "--healthz-bind-address").await?;
     let proxier = backend::build(&settings)?;
     let families = backend::families(&settings);
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), proxier.mode());
     let health = HealthState::new(2 * sync_period, families);
-    let metrics_listener = bind(settings.metrics_bind_address, "--metrics-bind-address").await?;
-    let healthz_listener = bind(settings.healthz_bind_address, "--healthz-bind-address").await?;
-    let client = kube_client(&settings).await?;
     // Rejected objects become Events (rate-limited; see tools::events).
     let events = crate::tools::events::EventSink::spawn(client.clone(), &settings.node_name);
 

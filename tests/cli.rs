@@ -84,17 +84,26 @@ fn config_file_errors_exit_2() {
 }
 
 #[test]
-fn kubeadm_config_runs() {
+fn kubeadm_config_is_accepted_and_used() {
+    // A verbatim kubeadm config parses; the run then fails only because the
+    // kubeconfig it names does not exist here — which proves the file's
+    // settings were taken. --dry-run so nothing could touch this host's
+    // kernel even if it got further.
     let out = kproxy(&[
         "--config",
         &fixture("kubeadm.yaml"),
         "--hostname-override=node-1",
+        "--dry-run",
+        "--metrics-bind-address=",
+        "--healthz-bind-address=",
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("kproxy: ")).collect();
+    assert_eq!(errors.len(), 1, "stderr: {stderr}");
+    assert!(
+        errors[0].starts_with("kproxy: --kubeconfig /var/lib/kube-proxy/kubeconfig.conf"),
+        "stderr: {stderr}"
     );
 }
 
