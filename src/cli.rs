@@ -201,6 +201,25 @@ pub struct Cli {
     pub bind_address_hard_fail: Option<String>,
     #[arg(global = true, long, hide = true)]
     pub show_hidden_metrics_for_version: Option<String>,
+    // kube-proxy's logging flags (component-base) other than -v and
+    // --logging-format, and klog's --logtostderr/--alsologtostderr from
+    // older manifests: kproxy always logs to stderr.
+    #[arg(global = true, long, hide = true)]
+    pub vmodule: Option<String>,
+    #[arg(global = true, long, hide = true)]
+    pub log_flush_frequency: Option<String>,
+    #[arg(global = true, long, hide = true)]
+    pub log_json_info_buffer_size: Option<String>,
+    #[arg(global = true, long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub log_json_split_stream: Option<String>,
+    #[arg(global = true, long, hide = true)]
+    pub log_text_info_buffer_size: Option<String>,
+    #[arg(global = true, long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub log_text_split_stream: Option<String>,
+    #[arg(global = true, long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub logtostderr: Option<String>,
+    #[arg(global = true, long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub alsologtostderr: Option<String>,
 
     /// A debugging tool instead of running the proxy (none: run).
     #[command(subcommand)]
@@ -277,6 +296,14 @@ impl Cli {
                 "show-hidden-metrics-for-version",
                 &self.show_hidden_metrics_for_version,
             ),
+            ("vmodule", &self.vmodule),
+            ("log-flush-frequency", &self.log_flush_frequency),
+            ("log-json-info-buffer-size", &self.log_json_info_buffer_size),
+            ("log-json-split-stream", &self.log_json_split_stream),
+            ("log-text-info-buffer-size", &self.log_text_info_buffer_size),
+            ("log-text-split-stream", &self.log_text_split_stream),
+            ("logtostderr", &self.logtostderr),
+            ("alsologtostderr", &self.alsologtostderr),
         ]
         .into_iter()
         .filter(|(_, v)| v.is_some())
