@@ -1,5 +1,12 @@
 //! The real kproxy binary in iptables mode, in a node namespace, with real
 //! traffic from pod and client namespaces.
+//!
+//! The iptables end-to-end suite: this file (ClusterIP from pods),
+//! `e2e_iptables_external.rs` (NodePort, LoadBalancer, external IPs),
+//! `e2e_iptables_dynamics.rs` (affinity, terminating endpoints, changes,
+//! UDP conntrack, dual-stack) and `e2e_iptables_resilience.rs` (flushes,
+//! restarts, partial syncs, `--cleanup`, refused restores). Helpers live in
+//! `common/mod.rs`.
 
 mod common;
 

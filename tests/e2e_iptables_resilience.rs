@@ -267,6 +267,7 @@ fn restart_keeps_rules_connections_and_new_connections() {
         )
     });
     let (ok, failed, errors) = conns;
+    eprintln!("restarts: {ok} new connections, {} rule checks", rules.0);
     assert_eq!(
         failed, 0,
         "new connections failed during restarts: {errors:?}"
@@ -338,6 +339,10 @@ fn partial_sync_rewrites_only_the_changed_service() {
         c.iptables_save("nat")
             .lines()
             .any(|l| l.starts_with(&format!("-A {b_svc} ")) && l.contains(&p2.ip().to_string()))
+    });
+    // The metrics are updated right after the restore.
+    within(ONE_SYNC, "the partial sync is counted", || {
+        partials(&k) > partials_before
     });
     let after = c.iptables_save_counters("nat");
     assert_eq!(
