@@ -99,7 +99,10 @@ fn kubeadm_config_is_accepted_and_used() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("kproxy: ")).collect();
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("kproxy: "))
+        .collect();
     assert_eq!(errors.len(), 1, "stderr: {stderr}");
     assert!(
         errors[0].starts_with("kproxy: --kubeconfig /var/lib/kube-proxy/kubeconfig.conf"),
