@@ -3,6 +3,7 @@
 mod backend;
 mod cli;
 mod config;
+mod conntrack_setup;
 mod dry_run;
 mod logging;
 mod run;

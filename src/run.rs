@@ -47,6 +47,9 @@ async fn run_async(settings: Settings) -> Result<()> {
     let metrics_listener = bind(settings.metrics_bind_address, "--metrics-bind-address").await?;
     let healthz_listener = bind(settings.healthz_bind_address, "--healthz-bind-address").await?;
     let proxier = backend::build(&settings)?;
+    if !settings.dry_run {
+        crate::conntrack_setup::apply(&settings.conntrack);
+    }
     let families = backend::families(&settings);
     let metrics = Metrics::new(env!("CARGO_PKG_VERSION"), proxier.mode());
     let health = HealthState::new(2 * sync_period, families);
