@@ -4,18 +4,18 @@
 # KPROXY_REQUIRE_IPVS=1 so no test can skip for lack of IPVS.
 #
 # Usage: scripts/test-ipvs-vm.sh [extra libtest args, e.g. a test name filter]
-# Env:   CARGO_TARGET_DIR (default <repo>/target-ipvs; must be under the repo,
+# Env:   CARGO_TARGET_DIR (default <repo>/target; must be under the repo,
 #        which the VM shares read-write), IPVS_VM_RUNNER (the VM script),
-#        IPVS_VM_TIMEOUT (passed through; default here 280 s).
+#        IPVS_VM_TIMEOUT (passed through; default here 900 s).
 # Exit:  0 if every test binary passed, 1 if any failed, the VM runner's
 #        status (124/125) if the VM itself failed.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-ipvs}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 RUNNER=${IPVS_VM_RUNNER:-$ROOT/../shared/vm/run-in-ipvs-vm.sh}
-export IPVS_VM_TIMEOUT=${IPVS_VM_TIMEOUT:-280}
+export IPVS_VM_TIMEOUT=${IPVS_VM_TIMEOUT:-900}
 [ -x "$RUNNER" ] || { echo "test-ipvs-vm: VM runner $RUNNER not found" >&2; exit 2; }
 case "$(cd "$CARGO_TARGET_DIR" 2>/dev/null && pwd -P || echo "$CARGO_TARGET_DIR")/" in
     "$(pwd -P)"/*) ;;
