@@ -240,6 +240,21 @@ impl Watched for Node {
     }
 }
 
+/// An error with its sources, each once: `a: b: c`.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}
+
 /// Retry delays of a failed watch: 100 ms doubling to 400 ms, plus up to
 /// 100 ms of jitter. kube's default (client-go's 0.8 s doubling to 30 s)
 /// would leave the node's rules up to 30 s behind after an API server
@@ -301,7 +316,9 @@ async fn run_watcher<K: Watched>(
                 info!(kind = name, "watch expired (410 Gone), relisting");
             }
             Err(err) => {
-                let err = err.to_string();
+                // The whole cause chain: "client error (Connect)" alone
+                // hides an untrusted certificate or a refused connection.
+                let err = error_chain(&err);
                 warn!(kind = name, error = %err, "watch failed, retrying with backoff");
                 observer.watch_error(name, &err);
             }
@@ -363,6 +380,35 @@ mod tests {
     fn field_values_are_escaped() {
         assert_eq!(escape_field_value("node-1.example"), "node-1.example");
         assert_eq!(escape_field_value(r"a,b=c\d"), r"a\,b\=c\\d");
+    }
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        let inner = std::io::Error::other("invalid peer certificate: UnknownIssuer");
+        let outer = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, inner);
+        assert_eq!(
+            error_chain(&outer),
+            "invalid peer certificate: UnknownIssuer"
+        );
+        #[derive(Debug)]
+        struct Connect(std::io::Error);
+        impl std::fmt::Display for Connect {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("client error (Connect)")
+            }
+        }
+        impl std::error::Error for Connect {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Connect(std::io::Error::other(
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert_eq!(
+            error_chain(&e),
+            "client error (Connect): invalid peer certificate: UnknownIssuer"
+        );
     }
 
     #[test]
