@@ -7,14 +7,21 @@
 //! Bad input loses nothing: an invalid Service or EndpointSlice is rejected
 //! whole, reported once, and its previous valid version stays in use until
 //! a valid version arrives or the object is deleted.
+//!
+//! Services that claim the same NodePort or the same `IP:port/protocol` are
+//! resolved by age (see [`crate::conflicts`]): the newer one loses only the
+//! contested part, with a rejection, and gets it back when the older one
+//! goes away or lets go of it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+use crate::conflicts::{self, Claim, Claimant};
 use crate::convert;
 use crate::endpoints::{self, ParsedSlice};
 use crate::types::{
@@ -31,7 +38,9 @@ pub struct ServiceUpdate {
     /// Service ports (per family) that were added, removed or changed.
     pub changed_ports: BTreeSet<(IpFamily, ServicePortName)>,
     /// Rejections of this service or its slices that were not reported
-    /// before (so a periodic resync does not repeat the same warning).
+    /// before (so a periodic resync does not repeat the same warning),
+    /// including conflicts it lost and conflicts other services now lose
+    /// to it.
     pub new_rejections: Vec<Rejection>,
 }
 
@@ -67,6 +76,12 @@ struct ServiceEntry {
     version: Option<Version>,
     /// Ports (no endpoints yet) of the last valid version of the Service.
     valid: Option<Arc<[ServicePort]>>,
+    /// The creationTimestamp of that version: decides conflicts.
+    created: Option<jiff::Timestamp>,
+    /// What the valid ports claim, as registered in the conflict index.
+    claims: BTreeSet<(Claim, Claimant)>,
+    /// The parts lost to older services, if any.
+    conflict: Option<Rejection>,
     rejection: Option<Rejection>,
     slices: BTreeMap<String, SliceEntry>,
     /// Keys this service has in the state.
@@ -77,6 +92,8 @@ impl ServiceEntry {
     fn is_empty(&self) -> bool {
         self.valid.is_none()
             && self.rejection.is_none()
+            && self.conflict.is_none()
+            && self.claims.is_empty()
             && self.slices.is_empty()
             && self.ports.is_empty()
     }
@@ -88,6 +105,7 @@ pub struct StateBuilder {
     state: ProxyState,
     services: HashMap<ServiceKey, ServiceEntry>,
     node_rejection: Option<Rejection>,
+    conflicts: conflicts::Index,
 }
 
 impl StateBuilder {
@@ -100,6 +118,7 @@ impl StateBuilder {
             state,
             services: HashMap::new(),
             node_rejection: None,
+            conflicts: conflicts::Index::default(),
         }
     }
 
@@ -179,6 +198,7 @@ impl StateBuilder {
             None => {
                 entry.version = None;
                 entry.valid = None;
+                entry.created = None;
                 replace_rejection(rejections, entry.rejection.as_ref(), None);
                 entry.rejection = None;
             }
@@ -189,6 +209,7 @@ impl StateBuilder {
                     let rejection = match convert::service_ports(key, svc) {
                         Ok(ports) => {
                             entry.valid = Some(ports.into());
+                            entry.created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
                             None
                         }
                         Err(errs) => Some(Rejection {
@@ -248,11 +269,60 @@ impl StateBuilder {
             replace_rejection(rejections, se.rejection.as_ref(), None);
         }
 
-        update.changed_ports = self.apply_ports(&mut entry);
+        // Conflicts: register what the valid version claims; the services
+        // sharing a key whose claimants changed may win or lose something.
+        let others = self.register_claims(key, &mut entry);
+        update.changed_ports = self.apply_ports(&mut entry, &mut update.new_rejections);
         if !entry.is_empty() {
             self.services.insert(key.clone(), entry);
         }
+        for other in others {
+            if let Some(mut e) = self.services.remove(&other) {
+                let changed = self.apply_ports(&mut e, &mut update.new_rejections);
+                update.changed_ports.extend(changed);
+                self.services.insert(other, e);
+            }
+        }
         update
+    }
+
+    /// Replaces the entry's claims in the conflict index with those of its
+    /// current valid version. Returns the other services that claim one of
+    /// the keys that changed: who wins there may have changed.
+    fn register_claims(
+        &mut self,
+        key: &ServiceKey,
+        entry: &mut ServiceEntry,
+    ) -> BTreeSet<ServiceKey> {
+        let mut claims = BTreeSet::new();
+        for sp in entry.valid.iter().flat_map(|v| v.iter()) {
+            let claimant = Claimant::new(entry.created, sp.name.clone());
+            for claim in conflicts::claims_of(sp) {
+                claims.insert((claim, claimant.clone()));
+            }
+        }
+        let mut others = BTreeSet::new();
+        if claims == entry.claims {
+            return others;
+        }
+        let old = std::mem::take(&mut entry.claims);
+        for gone in old.difference(&claims) {
+            self.conflicts.remove(&gone.0, &gone.1);
+        }
+        for added in claims.difference(&old) {
+            self.conflicts.add(&added.0, &added.1);
+        }
+        for (claim, _) in old.symmetric_difference(&claims) {
+            others.extend(
+                self.conflicts
+                    .claimants(claim)
+                    .map(|c| &c.name.service)
+                    .filter(|s| *s != key)
+                    .cloned(),
+            );
+        }
+        entry.claims = claims;
+        others
     }
 
     /// Recomputes endpoint selection for every service from the objects
@@ -261,8 +331,10 @@ impl StateBuilder {
     pub fn reselect_all(&mut self) -> BTreeSet<(IpFamily, ServicePortName)> {
         let mut changed = BTreeSet::new();
         let mut services = std::mem::take(&mut self.services);
+        // Conflicts do not depend on the node: nothing new to report.
+        let mut rejections = Vec::new();
         for entry in services.values_mut() {
-            changed.extend(self.apply_ports(entry));
+            changed.extend(self.apply_ports(entry, &mut rejections));
         }
         self.services = services;
         changed
@@ -280,15 +352,25 @@ impl StateBuilder {
         &self.state
     }
 
-    /// Builds the entry's service ports with their endpoints, writes them
-    /// into the state and returns the ones that differ from before.
-    fn apply_ports(&mut self, entry: &mut ServiceEntry) -> BTreeSet<(IpFamily, ServicePortName)> {
+    /// Builds the entry's service ports with their endpoints, without the
+    /// parts it lost to older services, writes them into the state and
+    /// returns the ones that differ from before. A changed conflict
+    /// rejection goes to `new_rejections`.
+    fn apply_ports(
+        &mut self,
+        entry: &mut ServiceEntry,
+        new_rejections: &mut Vec<Rejection>,
+    ) -> BTreeSet<(IpFamily, ServicePortName)> {
         let mut changed = BTreeSet::new();
         let mut new_keys = Vec::new();
+        let mut lost = BTreeSet::new();
         if let Some(templates) = &entry.valid {
             new_keys.reserve(templates.len());
             for template in templates.iter() {
                 let mut sp = template.clone();
+                if !self.resolve_conflicts(&mut sp, entry.created, &mut lost) {
+                    continue;
+                }
                 sp.endpoints = endpoints::select(
                     &sp,
                     entry.slices.values().filter_map(|s| s.valid.as_deref()),
@@ -310,7 +392,66 @@ impl StateBuilder {
             }
         }
         entry.ports = new_keys;
+
+        let conflict = match (&entry.valid, lost.is_empty()) {
+            (Some(templates), false) => templates.first().map(|sp| Rejection {
+                kind: ObjectKind::Service,
+                namespace: sp.name.service.namespace.clone(),
+                name: sp.name.service.name.clone(),
+                reason: lost.into_iter().collect::<Vec<_>>().join("; "),
+            }),
+            _ => None,
+        };
+        if conflict != entry.conflict {
+            replace_rejection(
+                &mut self.state.rejections,
+                entry.conflict.as_ref(),
+                conflict.as_ref(),
+            );
+            new_rejections.extend(conflict.clone());
+            entry.conflict = conflict;
+        }
         changed
+    }
+
+    /// Removes from `sp` what older services hold (its NodePort, external
+    /// or load-balancer IPs), adding why to `lost`. False when it lost its
+    /// ClusterIP:port, so the whole port (in this family) is left out.
+    fn resolve_conflicts(
+        &self,
+        sp: &mut ServicePort,
+        created: Option<jiff::Timestamp>,
+        lost: &mut BTreeSet<String>,
+    ) -> bool {
+        let me = Claimant::new(created, sp.name.clone());
+        let protocol = sp.name.protocol;
+        let port = sp.port;
+        let address = |ip: IpAddr| Claim::Address { ip, port, protocol };
+        if let Some(why) = self.conflicts.lost(&address(sp.cluster_ip), &me) {
+            lost.insert(format!(
+                "{why} (clusterIP; the {} port is left out)",
+                sp.family
+            ));
+            return false;
+        }
+        if let Some(np) = sp.node_port {
+            let claim = Claim::NodePort { port: np, protocol };
+            if let Some(why) = self.conflicts.lost(&claim, &me) {
+                lost.insert(why);
+                sp.node_port = None;
+            }
+        }
+        let mut keep = |ip: &IpAddr, field: &str| match self.conflicts.lost(&address(*ip), &me) {
+            Some(why) => {
+                lost.insert(format!("{why} ({field})"));
+                false
+            }
+            None => true,
+        };
+        sp.external_ips.retain(|ip| keep(ip, "externalIPs"));
+        sp.load_balancer_ips
+            .retain(|ip| keep(ip, "status.loadBalancer.ingress"));
+        true
     }
 }
 

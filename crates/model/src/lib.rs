@@ -6,6 +6,7 @@
 
 pub mod builder;
 pub mod compat;
+mod conflicts;
 pub mod convert;
 pub mod endpoints;
 pub mod proxier;

@@ -144,15 +144,17 @@ fn single_cluster_ip_field_is_the_fallback() {
 #[test]
 fn node_port_only_for_node_port_and_load_balancer_types() {
     let mut b = StateBuilder::new(NODE);
-    for (name, t, want) in [
-        ("a", "ClusterIP", None),
-        ("b", "NodePort", Some(30001)),
-        ("c", "LoadBalancer", Some(30001)),
+    // Distinct IPs and NodePorts: services sharing one are a conflict
+    // (tests/conflicts.rs).
+    for (name, t, ip, np, want) in [
+        ("a", "ClusterIP", "10.0.0.1", 30001, None),
+        ("b", "NodePort", "10.0.0.2", 30002, Some(30002)),
+        ("c", "LoadBalancer", "10.0.0.3", 30003, Some(30003)),
     ] {
         let svc = SvcBuilder::new("ns", name)
             .type_(t)
-            .cluster_ip("10.0.0.1")
-            .node_port("", 80, "TCP", 30001)
+            .cluster_ip(ip)
+            .node_port("", 80, "TCP", np)
             .build();
         update(&mut b, &svc, &[]);
         assert_eq!(
@@ -164,7 +166,7 @@ fn node_port_only_for_node_port_and_load_balancer_types() {
     // nodePort 0 means none.
     let svc = SvcBuilder::new("ns", "d")
         .type_("NodePort")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.4")
         .node_port("", 80, "TCP", 0)
         .build();
     update(&mut b, &svc, &[]);
@@ -226,7 +228,7 @@ fn source_ranges_annotation_is_used_only_when_the_field_is_empty() {
     );
     let svc = SvcBuilder::new("ns", "b")
         .type_("LoadBalancer")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.2")
         .node_port("", 80, "TCP", 30000)
         .annotation(ann, "10.0.0.0/8")
         .source_ranges(&["172.16.0.0/12"])
@@ -252,7 +254,7 @@ fn session_affinity_timeout_and_default() {
         Some(600)
     );
     let svc = SvcBuilder::new("ns", "b")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.2")
         .port("", 80, "TCP")
         .affinity(None)
         .build();
@@ -262,7 +264,7 @@ fn session_affinity_timeout_and_default() {
         Some(10800)
     );
     let svc = SvcBuilder::new("ns", "c")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.3")
         .port("", 80, "TCP")
         .affinity(Some(86400))
         .with(|s| s.spec.as_mut().unwrap().session_affinity = Some("None".into()))
@@ -293,7 +295,7 @@ fn traffic_policies_and_health_check_node_port() {
     // eTP Local on a NodePort: local policy, no health check port.
     let svc = SvcBuilder::new("ns", "np")
         .type_("NodePort")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.2")
         .node_port("", 80, "TCP", 30001)
         .external_traffic_policy("Local")
         .health_check_node_port(32001)
@@ -305,7 +307,7 @@ fn traffic_policies_and_health_check_node_port() {
 
     // eTP Local on a plain ClusterIP: not externally accessible → ignored.
     let svc = SvcBuilder::new("ns", "cip")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.3")
         .port("", 80, "TCP")
         .external_traffic_policy("Local")
         .build();
@@ -314,7 +316,7 @@ fn traffic_policies_and_health_check_node_port() {
 
     // ...unless it has external IPs.
     let svc = SvcBuilder::new("ns", "eip")
-        .cluster_ip("10.0.0.1")
+        .cluster_ip("10.0.0.4")
         .port("", 80, "TCP")
         .external_ips(&["192.0.2.1"])
         .external_traffic_policy("Local")
