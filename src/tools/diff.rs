@@ -3,8 +3,8 @@
 //! Only kproxy's chains are compared — the chains the planner writes plus
 //! per-service chains (`KUBE-SVC-…`, `KUBE-SEP-…`, …) found in the kernel —
 //! and, in the built-in chains, only jumps to our chains. Rules are compared
-//! in their canonical form (see [`super::rules`]), since iptables-save
-//! respells what it was given. The dispatch chains (`KUBE-SERVICES`,
+//! in their canonical form (see [`kproxy_iptables::normalize`]), since
+//! iptables-save respells what it was given. The dispatch chains (`KUBE-SERVICES`,
 //! `KUBE-NODEPORTS`, `KUBE-EXTERNAL-SERVICES`, `KUBE-PROXY-FIREWALL`) are
 //! compared as sets: partial syncs insert into them, so their order is not
 //! the full plan's, and their rules match disjoint traffic — except that the
@@ -24,10 +24,10 @@ use kproxy_model::IpFamily;
 use serde_json::{json, Value};
 
 use super::dump::{jump_spec, plan, Planned};
-use super::rules::Rule;
 use super::style::Style;
 use super::{Input, ToolError};
 use crate::config::IptablesBackend;
+use kproxy_iptables::normalize::Rule;
 
 const BUILTIN: &[&str] = &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
 
@@ -437,7 +437,7 @@ mod tests {
                     let mut spec = String::new();
                     for o in &r.base {
                         let neg = if o.negated { "! " } else { "" };
-                        let v = super::super::rules::canonical_net(o.value());
+                        let v = kproxy_iptables::normalize::canonical_net(o.value());
                         let _ = write!(spec, "{neg}{} {v} ", o.name);
                     }
                     for m in &r.modules {

@@ -20,7 +20,6 @@
 pub mod diff;
 pub mod dump;
 pub mod events;
-pub mod rules;
 pub mod style;
 pub mod trace;
 

@@ -26,10 +26,10 @@ use kproxy_model::IpFamily;
 use serde_json::{json, Value};
 
 use super::dump::{jump_spec, plan, Planned};
-use super::rules::{parse_mark, Opt, Rule};
 use super::style::Style;
 use super::{Input, ToolError};
 use crate::cli::TraceArgs;
+use kproxy_iptables::normalize::{parse_mark, Opt, Rule};
 
 /// The packet to trace.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -3,6 +3,7 @@
 pub mod cleanup;
 pub mod conntrack;
 pub mod netutil;
+pub mod normalize;
 pub mod planner;
 pub mod proxier;
 pub mod runner;

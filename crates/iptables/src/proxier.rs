@@ -9,9 +9,13 @@
 //! pod CIDRs); otherwise it is partial. Full syncs also ensure the jumps from
 //! the built-in chains. The first sync adopts what a previous run left: it
 //! reads `iptables-save` of nat and filter so the first full plan deletes
-//! stale owned chains, without a flush.
+//! stale owned chains, without a flush, and leaves out every chain whose
+//! rules the kernel already holds (compared in their normalised form, see
+//! [`crate::normalize`]): unchanged chains are neither redeclared nor
+//! refilled, so their packet counters survive a restart. The [`Applied`]
+//! record is the full plan's either way.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -22,12 +26,14 @@ use kproxy_model::{
 use tracing::{debug, info, warn};
 
 use crate::conntrack::{ConntrackCleaner, UdpServiceTarget};
+use crate::normalize::unchanged_chains;
 use crate::planner::{
-    Applied, ExistingChains, JumpSpec, LocalDetector, PlanError, Planner, PlannerConfig, Table,
-    CANARY,
+    Applied, AppliedUpdate, ExistingChains, JumpSpec, LocalDetector, Plan, PlanError, Planner,
+    PlannerConfig, Table, CANARY,
 };
 use crate::runner::{
-    BackendPreference, Iptables, IptablesError, JumpRule, Position, RestoreOutcome,
+    parse_save_tables, BackendPreference, Iptables, IptablesError, JumpRule, Position,
+    RestoreOutcome,
 };
 
 /// Why the applier failed, reduced to what the proxier reports.
@@ -174,6 +180,10 @@ pub struct FamilyProxier {
     applied: Option<Applied>,
     /// Chains found by `iptables-save` before the first successful full sync.
     adopted: Option<ExistingChains>,
+    /// Their rules (as `iptables-save` prints them), for that full sync to
+    /// leave unchanged chains alone. Dropped after it, and after a failed
+    /// apply (the retry reads the kernel again).
+    kernel_rules: Option<KernelRules>,
     needs_full: bool,
     /// Set when a full restore failed on a `-X`: someone else references a
     /// stale chain, so the retry leaves stale chains alone.
@@ -191,6 +201,7 @@ impl FamilyProxier {
             applier,
             applied: None,
             adopted: None,
+            kernel_rules: None,
             needs_full: true,
             skip_stale_deletion: false,
             last_canary_check: None,
@@ -259,14 +270,47 @@ impl FamilyProxier {
             return;
         }
         let mut existing = ExistingChains::default();
+        let mut rules = KernelRules::new();
         for table in [Table::Nat, Table::Filter] {
             match self.applier.save(table) {
-                Ok(text) => existing.add_save(table, &text),
+                Ok(text) => {
+                    existing.add_save(table, &text);
+                    for (chain, specs) in parse_save_tables(&text)
+                        .remove(table.as_str())
+                        .unwrap_or_default()
+                        .chains
+                    {
+                        rules.insert((table, chain), specs);
+                    }
+                }
                 Err(e) => warn!(family = %self.family(), table = table.as_str(), error = %e,
                     "cannot read existing rules; stale chains of a previous run stay until the next restart"),
             }
         }
         self.adopted = Some(existing);
+        self.kernel_rules = Some(rules);
+    }
+
+    /// Leaves the chains the kernel already holds out of a full plan.
+    fn skip_unchanged(&self, plan: &mut Plan) {
+        let (Some(kernel), AppliedUpdate::Replace(applied)) = (&self.kernel_rules, &plan.update)
+        else {
+            return;
+        };
+        let desired = applied.rules_by_chain();
+        let unchanged = unchanged_chains(&desired, kernel);
+        let (text, rules, chains) = drop_chains(&plan.text, &unchanged);
+        plan.text = text;
+        plan.counts.rules_written = plan.counts.rules_written.saturating_sub(rules);
+        plan.counts.chains_written = plan.counts.chains_written.saturating_sub(chains);
+        info!(
+            family = %self.family(),
+            chains_adopted = unchanged.len(),
+            chains_rewritten = desired.len() - unchanged.len(),
+            rules_adopted = rules,
+            rules_written = plan.counts.rules_written,
+            "first full sync: adopted the unchanged chains in place, rewriting only the ones that differ"
+        );
     }
 
     fn sync(&mut self, state: &ProxyState, changes: &Changes) -> FamilyOutcome {
@@ -306,7 +350,9 @@ impl FamilyProxier {
                         existing.0.extend(adopted.0.iter().cloned());
                     }
                 }
-                self.planner.plan_full(ports, &existing)
+                let mut plan = self.planner.plan_full(ports, &existing);
+                self.skip_unchanged(&mut plan);
+                plan
             }
         };
         let kind = plan.kind;
@@ -327,6 +373,12 @@ impl FamilyProxier {
                 Ok(o) => outcome.lock_wait = o.lock_wait,
                 Err(e) => {
                     self.needs_full = true;
+                    if self.applied.is_none() {
+                        // Read the kernel again before the retry: what it
+                        // holds may change in between.
+                        self.adopted = None;
+                        self.kernel_rules = None;
+                    }
                     if kind == SyncKind::Full
                         && e.line.as_ref().is_some_and(|(_, l)| l.starts_with("-X "))
                     {
@@ -354,6 +406,7 @@ impl FamilyProxier {
         self.needs_full = false;
         if kind == SyncKind::Full {
             self.adopted = None;
+            self.kernel_rules = None;
             self.skip_stale_deletion = false;
             self.last_canary_check = Some(Instant::now());
             if let Err(e) = self.applier.ensure_jump_rules(&self.planner.jump_rules()) {
@@ -366,6 +419,71 @@ impl FamilyProxier {
         }
         outcome
     }
+}
+
+/// Rules per chain as `iptables-save` printed them.
+type KernelRules = BTreeMap<(Table, String), Vec<String>>;
+
+/// `text` (a full plan) without the declarations and rules of the chains in
+/// `skip`, and without tables left empty; with the number of rules and
+/// chains left out. `-X` lines (stale chains) always stay.
+fn drop_chains(text: &str, skip: &BTreeSet<(Table, String)>) -> (String, usize, usize) {
+    if skip.is_empty() {
+        return (text.to_string(), 0, 0);
+    }
+    let skipped = |table: Table| -> HashSet<&str> {
+        skip.iter()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, c)| c.as_str())
+            .collect()
+    };
+    let (nat, filter, none) = (skipped(Table::Nat), skipped(Table::Filter), HashSet::new());
+    let mut out = String::with_capacity(text.len());
+    // The current table's header and its kept lines.
+    let mut header = "";
+    let mut body = String::new();
+    let mut current = &none;
+    let (mut rules, mut chains) = (0, 0);
+    for line in text.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            header = line;
+            body.clear();
+            current = match table {
+                "nat" => &nat,
+                "filter" => &filter,
+                _ => &none,
+            };
+            continue;
+        }
+        if line == "COMMIT" {
+            if !body.is_empty() {
+                out.push_str(header);
+                out.push('\n');
+                out.push_str(&body);
+                out.push_str("COMMIT\n");
+            }
+            body.clear();
+            continue;
+        }
+        if let Some(decl) = line.strip_prefix(':') {
+            if decl
+                .split_whitespace()
+                .next()
+                .is_some_and(|c| current.contains(c))
+            {
+                chains += 1;
+                continue;
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            if current.contains(rule.split(' ').next().unwrap_or_default()) {
+                rules += 1;
+                continue;
+            }
+        }
+        body.push_str(line);
+        body.push('\n');
+    }
+    (out, rules, chains)
 }
 
 /// The UDP service ports among `changed` that now exist, as conntrack targets.
@@ -520,6 +638,7 @@ mod tests {
         fail_next_restore: Arc<Mutex<Option<(usize, String)>>>,
         canary_present: Arc<Mutex<bool>>,
         save_nat: Arc<Mutex<String>>,
+        save_filter: Arc<Mutex<String>>,
     }
 
     impl Fake {
@@ -573,7 +692,11 @@ mod tests {
             self.record(Call::Save(table));
             Ok(match table {
                 Table::Nat => self.save_nat.lock().map(|s| s.clone()).unwrap_or_default(),
-                Table::Filter => String::new(),
+                Table::Filter => self
+                    .save_filter
+                    .lock()
+                    .map(|s| s.clone())
+                    .unwrap_or_default(),
             })
         }
         fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError> {
@@ -737,6 +860,222 @@ mod tests {
             r.objects_written, 1,
             "one rule: the DNAT of the only endpoint"
         );
+    }
+
+    /// The `*table` section of a restore text, as iptables-save would print
+    /// it (declarations and rules; no `-X`).
+    fn section(text: &str, table: &str) -> String {
+        let deleted: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("-X "))
+            .map(|c| format!(":{c} "))
+            .collect();
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                inside = t == table;
+            }
+            if inside
+                && !line.starts_with("-X ")
+                && !deleted.iter().any(|d| line.starts_with(d.as_str()))
+            {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    fn lines_of<'a>(text: &'a str, chain: &str) -> Vec<&'a str> {
+        let decl = format!(":{chain} ");
+        let rule = format!("-A {chain} ");
+        text.lines()
+            .filter(|l| l.starts_with(&decl) || l.starts_with(&rule))
+            .collect()
+    }
+
+    #[test]
+    fn first_sync_leaves_unchanged_chains_alone() {
+        let mut st = ProxyState::default();
+        let web = put(
+            &mut st,
+            port(
+                "web",
+                Protocol::Tcp,
+                "10.96.0.1",
+                vec![ep("10.1.0.1", false), ep("10.1.0.2", false)],
+            ),
+        );
+        put(
+            &mut st,
+            port(
+                "dns",
+                Protocol::Udp,
+                "10.96.0.10",
+                vec![ep("10.1.0.3", false)],
+            ),
+        );
+        put(&mut st, port("empty", Protocol::Tcp, "10.96.0.11", vec![]));
+        // A previous run's rules, as the kernel holds them.
+        let (mut first, fake1, _) = setup();
+        assert!(first.sync(&st, &Changes::default()).succeeded());
+        let full_text = fake1.restores().remove(0);
+        let fresh = first.families()[0].applied().cloned().expect("applied");
+
+        // Restart with the kernel unchanged: nothing is rewritten.
+        let (mut p, fake, _) = setup();
+        if let Ok(mut c) = fake.canary_present.lock() {
+            *c = true;
+        }
+        for (slot, table) in [(&fake.save_nat, "nat"), (&fake.save_filter, "filter")] {
+            if let Ok(mut s) = slot.lock() {
+                *s = section(&full_text, table);
+            }
+        }
+        let r = p.sync(&st, &Changes::default());
+        assert!(r.succeeded(), "{r:?}");
+        assert_eq!(r.kind, SyncKind::Full);
+        assert!(fake.restores().is_empty(), "{:?}", fake.restores());
+        assert_eq!(r.objects_written, 0);
+        assert!(
+            fake.calls().contains(&Call::Jumps(14)),
+            "jumps still ensured"
+        );
+        let adopted = p.families()[0].applied().cloned().expect("applied");
+        assert_eq!(adopted.rules_by_chain(), fresh.rules_by_chain());
+        assert_eq!(
+            (adopted.nat_rules(), adopted.filter_rules()),
+            (fresh.nat_rules(), fresh.filter_rules())
+        );
+        assert_eq!(r.rules_per_table[0], ("nat".to_string(), fresh.nat_rules()));
+
+        // Later syncs are partial against the same record: the next change
+        // writes exactly what it writes after a fresh full sync.
+        put(
+            &mut st,
+            port(
+                "web",
+                Protocol::Tcp,
+                "10.96.0.1",
+                vec![ep("10.1.0.9", false)],
+            ),
+        );
+        fake.clear();
+        fake1.clear();
+        let ch = changes(std::slice::from_ref(&web));
+        let r = p.sync(&st, &ch);
+        let r1 = first.sync(&st, &ch);
+        assert_eq!((r.kind, r1.kind), (SyncKind::Partial, SyncKind::Partial));
+        assert_eq!(fake.restores(), fake1.restores());
+        assert!(!fake.restores().is_empty());
+    }
+
+    #[test]
+    fn first_sync_rewrites_only_chains_that_differ() {
+        let mut st = ProxyState::default();
+        put(
+            &mut st,
+            port(
+                "web",
+                Protocol::Tcp,
+                "10.96.0.1",
+                vec![ep("10.1.0.1", false), ep("10.1.0.2", false)],
+            ),
+        );
+        put(
+            &mut st,
+            port(
+                "dns",
+                Protocol::Udp,
+                "10.96.0.10",
+                vec![ep("10.1.0.3", false)],
+            ),
+        );
+        let (mut first, fake1, _) = setup();
+        assert!(first.sync(&st, &Changes::default()).succeeded());
+        let full_text = fake1.restores().remove(0);
+        let svc_of = |needle: &str| -> String {
+            full_text
+                .lines()
+                .find(|l| l.starts_with("-A KUBE-SERVICES") && l.contains(needle))
+                .and_then(|l| l.rsplit(' ').next())
+                .expect("service jump")
+                .to_string()
+        };
+        let (web_chain, dns_chain) = (svc_of("10.96.0.1 "), svc_of("10.96.0.10 "));
+
+        // Someone changed web's chain; dns's is as planned, but the kernel
+        // spells it its own way and lists KUBE-SERVICES in another order.
+        let nat = section(&full_text, "nat")
+            .replace("--probability 0.5000000000", "--probability 0.25")
+            .replace(" -d 10.96.0.10 ", " -d 10.96.0.10/32 ");
+        let mut nat_lines: Vec<&str> = nat.lines().collect();
+        let first_svc = nat_lines
+            .iter()
+            .position(|l| l.starts_with("-A KUBE-SERVICES"))
+            .expect("dispatch");
+        nat_lines.swap(first_svc, first_svc + 1);
+        let nat = nat_lines.join("\n") + "\n";
+        let (mut p, fake, _) = setup();
+        if let Ok(mut s) = fake.save_nat.lock() {
+            *s = nat.replace(
+                ":KUBE-PROXY-CANARY - [0:0]\n",
+                ":KUBE-PROXY-CANARY - [0:0]\n:KUBE-SVC-STALESTALESTALEX - [0:0]\n",
+            );
+        }
+        // filter: the kernel has none of it.
+        let r = p.sync(&st, &Changes::default());
+        assert!(r.succeeded(), "{r:?}");
+        let text = fake.restores().remove(0);
+        assert_eq!(
+            lines_of(&text, &web_chain),
+            lines_of(&full_text, &web_chain),
+            "the changed chain is rewritten as planned:\n{text}"
+        );
+        assert!(lines_of(&text, &dns_chain).is_empty(), "{text}");
+        assert!(
+            section(&text, "nat")
+                .lines()
+                .all(|l| !l.contains("KUBE-SERVICES")),
+            "nat KUBE-SERVICES holds the same rules: left alone\n{text}"
+        );
+        assert!(text.contains("-X KUBE-SVC-STALESTALESTALEX\n"), "{text}");
+        assert!(
+            text.contains("*filter\n:KUBE-SERVICES - [0:0]\n"),
+            "missing filter chains are written\n{text}"
+        );
+        let web_rules = lines_of(&full_text, &web_chain).len() - 1;
+        let filter_rules = section(&full_text, "filter")
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count();
+        assert_eq!(r.objects_written, web_rules + filter_rules);
+        assert_eq!(
+            p.families()[0].applied().map(|a| a.rules_by_chain()),
+            first.families()[0].applied().map(|a| a.rules_by_chain())
+        );
+    }
+
+    #[test]
+    fn failed_adopting_sync_reads_the_kernel_again() {
+        let (mut p, fake, _) = setup();
+        let mut st = ProxyState::default();
+        put(
+            &mut st,
+            port("a", Protocol::Tcp, "10.96.0.1", vec![ep("10.1.0.1", false)]),
+        );
+        if let Ok(mut f) = fake.fail_next_restore.lock() {
+            *f = Some((3, "-A KUBE-SVC-X bad".into()));
+        }
+        assert!(!p.sync(&st, &Changes::default()).succeeded());
+        assert!(p.sync(&st, &Changes::default()).succeeded());
+        let saves = fake
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Save(_)))
+            .count();
+        assert_eq!(saves, 4, "nat and filter read before each attempt");
     }
 
     #[test]

@@ -1,15 +1,21 @@
-//! iptables rule specs as data: the planner's text (`-A CHAIN <spec>`) and
+//! Rule normalisation: the planner's text (`-A CHAIN <spec>`) and
 //! `iptables-save`'s spelling of the same rule parse into one [`Rule`], whose
 //! [`Rule::canonical`] form is equal for both. The kernel reorders and
 //! respells what it was given: `-d 10.0.0.1` comes back as `-d 10.0.0.1/32`
 //! before the matches, `--probability 0.3333333333` as `0.33333333349`,
 //! `-j MARK --or-mark 0x4000` as `--set-xmark 0x4000/0x4000`, and `-m recent`
 //! gains its default `--mask`/`--rsource`.
+//!
+//! Used by `kproxy diff` (planned against kernel) and by the proxier's first
+//! full sync, which leaves chains whose rules already equal the plan
+//! untouched ([`unchanged_chains`]) so their counters survive a restart.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use ipnet::IpNet;
+
+use crate::planner::{Dispatch, Table, KUBE_NODEPORTS, KUBE_SERVICES};
 
 /// One option: `[!] --name [values…]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,6 +347,78 @@ pub fn parse_mark(s: &str) -> Option<(u32, u32)> {
     Some((num(v)?, num(m)?))
 }
 
+/// The canonical form of one rule spec (the text after `-A CHAIN`).
+pub fn normalize(spec: &str) -> String {
+    Rule::parse(spec).canonical()
+}
+
+/// Ordered chains (everything but the dispatch chains): equal rule by rule.
+pub fn same_rules(want: &[String], have: &[String]) -> bool {
+    want.len() == have.len()
+        && want
+            .iter()
+            .zip(have)
+            .all(|(w, h)| w == h || normalize(w) == normalize(h))
+}
+
+/// Dispatch chains: the same rules as a multiset (partial syncs insert into
+/// them, so their order is not the full plan's), and the last `tail` rules
+/// the same and in the same order (nat KUBE-SERVICES' NodePort jump must
+/// stay last).
+pub fn same_rule_set(want: &[String], have: &[String], tail: usize) -> bool {
+    if want.len() != have.len() || tail > want.len() {
+        return false;
+    }
+    let mut w: Vec<String> = want.iter().map(|r| normalize(r)).collect();
+    let mut h: Vec<String> = have.iter().map(|r| normalize(r)).collect();
+    if w[w.len() - tail..] != h[h.len() - tail..] {
+        return false;
+    }
+    w.sort_unstable();
+    h.sort_unstable();
+    w == h
+}
+
+/// Whether `chain` of `table` is a dispatch chain (compared as a set).
+pub fn is_dispatch(table: Table, chain: &str) -> bool {
+    Dispatch::ALL
+        .iter()
+        .any(|d| d.table() == table && d.chain() == chain)
+}
+
+/// The chains of `desired` (a full plan's chains with their rules, as
+/// [`crate::planner::Applied::rules_by_chain`] lists them) whose rules the
+/// kernel already holds (`kernel`: rules per chain as `iptables-save`
+/// prints them). Chains missing from the kernel are never unchanged.
+pub fn unchanged_chains(
+    desired: &BTreeMap<(Table, String), Vec<String>>,
+    kernel: &BTreeMap<(Table, String), Vec<String>>,
+) -> BTreeSet<(Table, String)> {
+    desired
+        .iter()
+        .filter(|(key, want)| {
+            let Some(have) = kernel.get(*key) else {
+                return false;
+            };
+            let (table, chain) = (key.0, key.1.as_str());
+            if is_dispatch(table, chain) {
+                let tail = if table == Table::Nat && chain == KUBE_SERVICES {
+                    want.iter()
+                        .rev()
+                        .take_while(|r| Rule::parse(r).target_name() == Some(KUBE_NODEPORTS))
+                        .count()
+                } else {
+                    0
+                };
+                same_rule_set(want, have, tail)
+            } else {
+                same_rules(want, have)
+            }
+        })
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +467,213 @@ mod tests {
             Rule::parse("-d 10.0.0.1 -j DROP").canonical(),
             Rule::parse("-d 10.0.0.2 -j DROP").canonical()
         );
+    }
+
+    /// Rule shapes the planner emits, with the spelling iptables-save (1.8,
+    /// legacy and nft alike) gives them back; pairs taken from the golden
+    /// plans loaded into a real kernel (tests/normalize_netns.rs).
+    #[test]
+    fn every_planner_rule_shape_matches_its_saved_spelling() {
+        let pairs = [
+            // udp / sctp dispatch with an unquoted single-word comment.
+            (
+                r#"-m comment --comment "kube-system/dns:dns-sctp cluster IP" -m sctp -p sctp -d 172.30.0.10 --dport 53 -j KUBE-SVC-HZ73NAJGZTXWZUS4"#,
+                r#"-d 172.30.0.10/32 -p sctp -m comment --comment "kube-system/dns:dns-sctp cluster IP" -m sctp --dport 53 -j KUBE-SVC-HZ73NAJGZTXWZUS4"#,
+            ),
+            (
+                "-m comment --comment ns11/np:p80 -m udp -p udp --dport 30051 -j KUBE-EXT-W2GP53KUIJT7PYOK",
+                r#"-p udp -m comment --comment "ns11/np:p80" -m udp --dport 30051 -j KUBE-EXT-W2GP53KUIJT7PYOK"#,
+            ),
+            // Masquerade check: negated source before the destination.
+            (
+                r#"-m comment --comment "ns/s:p cluster IP" -m tcp -p tcp -d 172.30.0.10 --dport 53 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"#,
+                r#"! -s 10.0.0.0/8 -d 172.30.0.10/32 -p tcp -m comment --comment "ns/s:p cluster IP" -m tcp --dport 53 -j KUBE-MARK-MASQ"#,
+            ),
+            // Probabilities: ten digits in, eleven out.
+            (
+                r#"-m comment --comment "a -> 10.180.0.10:53" -m statistic --mode random --probability 0.5000000000 -m tcp -p tcp -j DNAT --to-destination 10.180.0.10:53"#,
+                r#"-p tcp -m comment --comment "a -> 10.180.0.10:53" -m statistic --mode random --probability 0.50000000000 -m tcp -j DNAT --to-destination 10.180.0.10:53"#,
+            ),
+            (
+                "-m statistic --mode random --probability 0.0039215686 -j KUBE-SEP-X",
+                "-m statistic --mode random --probability 0.00392156839 -j KUBE-SEP-X",
+            ),
+            // Recent: --set / --update with the defaults the kernel adds.
+            (
+                r#"-m comment --comment "a -> 10.180.6.6:80" -m recent --name KUBE-SEP-XUKPIZM2I4RCMN36 --update --seconds 10800 --reap -m tcp -p tcp -j DNAT --to-destination 10.180.6.6:80"#,
+                r#"-p tcp -m comment --comment "a -> 10.180.6.6:80" -m recent --update --seconds 10800 --reap --name KUBE-SEP-XUKPIZM2I4RCMN36 --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.180.6.6:80"#,
+            ),
+            (
+                "-m comment --comment ns6/sticky:p80 -m recent --name KUBE-SEP-77LXHHCFSM7GOGGL --set -m tcp -p tcp -j DNAT --to-destination 10.180.0.6:80",
+                r#"-p tcp -m comment --comment "ns6/sticky:p80" -m recent --set --name KUBE-SEP-77LXHHCFSM7GOGGL --mask 255.255.255.255 --rsource -m tcp -j DNAT --to-destination 10.180.0.6:80"#,
+            ),
+            // addrtype, with and without a negated destination.
+            (
+                r#"-m comment --comment "x" -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS"#,
+                r#"! -d 127.0.0.0/8 -m comment --comment x -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"#,
+            ),
+            (
+                r#"-m comment --comment "e has no endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 30044 -j REJECT"#,
+                r#"-p tcp -m comment --comment "e has no endpoints" -m addrtype --dst-type LOCAL -m tcp --dport 30044 -j REJECT --reject-with icmp-port-unreachable"#,
+            ),
+            // Interface match with a wildcard; a rule without a target.
+            (
+                r#"-m comment --comment "pod traffic" -i veth+ -j KUBE-SVC-4E6AMDTVI625QEQF"#,
+                r#"-i veth+ -m comment --comment "pod traffic" -j KUBE-SVC-4E6AMDTVI625QEQF"#,
+            ),
+            (
+                r#"-m comment --comment "other traffic will be dropped""#,
+                r#"-m comment --comment "other traffic will be dropped""#,
+            ),
+            // Firewall DROP, conntrack negation, MASQUERADE --random-fully.
+            (
+                r#"-m comment --comment "block incoming localnet connections" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"#,
+                r#"! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"#,
+            ),
+            (
+                r#"-m comment --comment "snat" -j MASQUERADE --random-fully"#,
+                "-m comment --comment snat -j MASQUERADE --random-fully",
+            ),
+            // IPv6: /128, bracketed DNAT target, icmp6 reject default.
+            (
+                r#"-m comment --comment "ns9/v6:p80 cluster IP" -m tcp -p tcp -d fd00:10:96::9 --dport 80 -j KUBE-SVC-MOQFNJPM3T2YGQNS"#,
+                r#"-d fd00:10:96::9/128 -p tcp -m comment --comment "ns9/v6:p80 cluster IP" -m tcp --dport 80 -j KUBE-SVC-MOQFNJPM3T2YGQNS"#,
+            ),
+            (
+                "-m comment --comment ns9/v6:p80 -m tcp -p tcp -j DNAT --to-destination [fd00:10:244::9]:8080",
+                r#"-p tcp -m comment --comment "ns9/v6:p80" -m tcp -j DNAT --to-destination [fd00:10:244::9]:8080"#,
+            ),
+            (
+                "-m comment --comment ns9/v6:p80 -s fd00:10:244::9 -j KUBE-MARK-MASQ",
+                r#"-s fd00:10:244::9/128 -m comment --comment "ns9/v6:p80" -j KUBE-MARK-MASQ"#,
+            ),
+            (
+                r#"-m comment --comment "v6 has no endpoints" -m tcp -p tcp -d fd00::1 --dport 80 -j REJECT"#,
+                r#"-d fd00::1/128 -p tcp -m comment --comment "v6 has no endpoints" -m tcp --dport 80 -j REJECT --reject-with icmp6-port-unreachable"#,
+            ),
+            (
+                "-m recent --name KUBE-SEP-X --rcheck --seconds 60 --reap -j KUBE-SEP-X",
+                "-m recent --rcheck --seconds 60 --reap --name KUBE-SEP-X --mask ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff --rsource -j KUBE-SEP-X",
+            ),
+        ];
+        for (planner, saved) in pairs {
+            assert_eq!(normalize(planner), normalize(saved), "{planner}");
+        }
+    }
+
+    #[test]
+    fn real_differences_stay_different() {
+        let base = r#"-m comment --comment "a -> 10.1.0.1:80" -m statistic --mode random --probability 0.5000000000 -m tcp -p tcp -j DNAT --to-destination 10.1.0.1:80"#;
+        let variants = [
+            base.replace("0.5000000000", "0.3333333333"),
+            base.replace("10.1.0.1:80\" -m", "10.1.0.2:80\" -m"),
+            base.replace(
+                "--to-destination 10.1.0.1:80",
+                "--to-destination 10.1.0.1:81",
+            ),
+            base.replace("-p tcp", "-p udp"),
+            base.replace(" -m statistic --mode random --probability 0.5000000000", ""),
+        ];
+        for v in &variants {
+            assert_ne!(normalize(base), normalize(v), "{v}");
+        }
+        let pairs = [
+            ("-s 10.0.0.0/8 -j X", "! -s 10.0.0.0/8 -j X"),
+            ("-d 10.0.0.1 -j X", "-d 10.0.0.0/24 -j X"),
+            ("-j MARK --or-mark 0x4000", "-j MARK --set-xmark 0x4000/0x0"),
+            ("-j MARK --or-mark 0x4000", "-j MARK --or-mark 0x8000"),
+            (
+                "-m recent --name A --set -j DNAT --to-destination 1.1.1.1:1",
+                "-m recent --name A --rcheck -j DNAT --to-destination 1.1.1.1:1",
+            ),
+            ("-j REJECT", "-j REJECT --reject-with icmp-host-prohibited"),
+            ("-j KUBE-SVC-A", "-j KUBE-SVC-B"),
+            (
+                "-m comment --comment \"a b\" -j X",
+                "-m comment --comment a -j X",
+            ),
+        ];
+        for (a, b) in pairs {
+            assert_ne!(normalize(a), normalize(b), "{a} vs {b}");
+        }
+    }
+
+    fn owned(rules: &[&str]) -> Vec<String> {
+        rules.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn chain_comparison_ordered_and_dispatch() {
+        let a = "-m comment --comment a -d 10.0.0.1 -j KUBE-SVC-A";
+        let a_saved = "-d 10.0.0.1/32 -m comment --comment a -j KUBE-SVC-A";
+        let b = "-m comment --comment b -d 10.0.0.2 -j KUBE-SVC-B";
+        let b_saved = "-d 10.0.0.2/32 -m comment --comment b -j KUBE-SVC-B";
+        let np = "-m comment --comment np -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS";
+        let np_saved = "-m comment --comment np -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS";
+
+        assert!(same_rules(&owned(&[a, b]), &owned(&[a_saved, b_saved])));
+        assert!(
+            !same_rules(&owned(&[a, b]), &owned(&[b_saved, a_saved])),
+            "order matters in service chains (probabilities)"
+        );
+        assert!(!same_rules(&owned(&[a, b]), &owned(&[a_saved])));
+        assert!(same_rules(&[], &[]));
+
+        // Dispatch: any order of the service rules, the NodePort jump last.
+        assert!(same_rule_set(
+            &owned(&[a, b, np]),
+            &owned(&[b_saved, a_saved, np_saved]),
+            1
+        ));
+        assert!(!same_rule_set(
+            &owned(&[a, b, np]),
+            &owned(&[np_saved, b_saved, a_saved]),
+            1
+        ));
+        assert!(!same_rule_set(
+            &owned(&[a, b, np]),
+            &owned(&[a_saved, a_saved, np_saved]),
+            1
+        ));
+        assert!(!same_rule_set(&owned(&[a]), &owned(&[a_saved]), 2));
+
+        let key = |t: Table, c: &str| (t, c.to_string());
+        let desired: BTreeMap<(Table, String), Vec<String>> = [
+            (key(Table::Nat, "KUBE-SERVICES"), owned(&[a, b, np])),
+            (key(Table::Nat, "KUBE-SVC-A"), owned(&[a])),
+            (key(Table::Nat, "KUBE-SVC-B"), owned(&[b])),
+            (key(Table::Nat, "KUBE-SVC-C"), owned(&[])),
+            (key(Table::Filter, "KUBE-SERVICES"), owned(&[])),
+            (key(Table::Filter, "KUBE-PROXY-CANARY"), owned(&[])),
+        ]
+        .into_iter()
+        .collect();
+        let kernel: BTreeMap<(Table, String), Vec<String>> = [
+            (
+                key(Table::Nat, "KUBE-SERVICES"),
+                owned(&[b_saved, a_saved, np_saved]),
+            ),
+            (key(Table::Nat, "KUBE-SVC-A"), owned(&[a_saved])),
+            (key(Table::Nat, "KUBE-SVC-B"), owned(&[a_saved])),
+            (key(Table::Filter, "KUBE-SERVICES"), owned(&[b_saved])),
+            (key(Table::Filter, "KUBE-PROXY-CANARY"), owned(&[])),
+        ]
+        .into_iter()
+        .collect();
+        let unchanged = unchanged_chains(&desired, &kernel);
+        assert_eq!(
+            unchanged,
+            [
+                key(Table::Filter, "KUBE-PROXY-CANARY"),
+                key(Table::Nat, "KUBE-SERVICES"),
+                key(Table::Nat, "KUBE-SVC-A"),
+            ]
+            .into_iter()
+            .collect::<BTreeSet<_>>(),
+            "changed (SVC-B, filter KUBE-SERVICES) and missing (SVC-C) chains are rewritten"
+        );
+        assert!(is_dispatch(Table::Filter, "KUBE-PROXY-FIREWALL"));
+        assert!(!is_dispatch(Table::Nat, "KUBE-PROXY-FIREWALL"));
     }
 
     #[test]
