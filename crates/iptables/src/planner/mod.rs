@@ -667,15 +667,27 @@ impl Planner {
         };
         let mut bufs: BTreeMap<Dispatch, String> =
             Dispatch::ALL.iter().map(|d| (*d, String::new())).collect();
+        // Only needed when the kernel holds service chains (not on a first
+        // sync into empty tables): skip building a set of every chain name.
+        let check_stale = existing
+            .0
+            .iter()
+            .any(|(t, name)| *t == Table::Nat && is_service_chain(name));
         let mut wanted: BTreeSet<&str> = BTreeSet::new();
         for rec in records.values() {
             for (d, spec) in &rec.dispatch {
                 if let Some(b) = bufs.get_mut(d) {
-                    let _ = writeln!(b, "-A {} {spec}", d.chain());
+                    b.push_str("-A ");
+                    b.push_str(d.chain());
+                    b.push(' ');
+                    b.push_str(spec);
+                    b.push('\n');
                 }
             }
-            for (name, _) in &rec.chains {
-                wanted.insert(name);
+            if check_stale {
+                for (name, _) in &rec.chains {
+                    wanted.insert(name);
+                }
             }
             totals.nat_rules += rec.nat_rules();
             totals.filter_rules += rec.filter_rules();
@@ -725,7 +737,10 @@ impl Planner {
         }
         for rec in records.values() {
             for (name, _) in &rec.chains {
-                declare(&mut out, name, &mut counts);
+                out.push(':');
+                out.push_str(name);
+                out.push_str(" - [0:0]\n");
+                counts.chains_written += 1;
             }
         }
         for name in &stale {

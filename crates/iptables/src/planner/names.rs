@@ -14,12 +14,11 @@ pub const SEP_PREFIX: &str = "KUBE-SEP-";
 /// Written by kube-proxy before 1.24; only ever deleted.
 pub const XLB_PREFIX: &str = "KUBE-XLB-";
 
-/// The first 16 characters of base32(sha256(input)).
+/// The first 16 characters of base32(sha256(input)). 16 base32 characters
+/// are exactly the first 10 bytes of the digest, so only those are encoded.
 fn hash16(input: &str) -> String {
     let digest = Sha256::digest(input.as_bytes());
-    let mut encoded = BASE32.encode(&digest);
-    encoded.truncate(16);
-    encoded
+    BASE32.encode(&digest[..10])
 }
 
 /// The per-service-port chains (upstream's `portProtoHash` over

@@ -1,6 +1,7 @@
 //! The rules of one service port: its own nat chains and its rules in the
 //! shared dispatch chains. Pure; see the module doc of [`super`] for the layout.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use kproxy_model::{Endpoint, IpFamily, ServicePort};
@@ -88,10 +89,12 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn probability(&self, n: usize) -> String {
+    fn push_probability(&self, out: &mut String, n: usize) {
         match self.probabilities.get(n) {
-            Some(p) => p.clone(),
-            None => format!("{:.10}", 1.0 / n as f64),
+            Some(p) => out.push_str(p),
+            None => {
+                let _ = write!(out, "{:.10}", 1.0 / n as f64);
+            }
         }
     }
 
@@ -160,18 +163,35 @@ pub(super) fn render(ctx: &Ctx<'_>, sp: &ServicePort) -> Option<PortRecord> {
         ..PortRecord::default()
     };
 
-    // What the filter table does with traffic that has nowhere to go.
-    let no_endpoints = comment(&format!("{spn} has no endpoints"));
-    let no_local = comment(&format!("{spn} has no local endpoints"));
-    let (internal_target, internal_comment) = if has_any && internal_local {
-        ("DROP", &no_local)
+    // What the filter table does with traffic that has nowhere to go. The
+    // comments are built only when a rule needs them (most ports need none).
+    let no_endpoints = || comment(&format!("{spn} has no endpoints"));
+    let no_local = || comment(&format!("{spn} has no local endpoints"));
+    let internal_local_drop = has_any && internal_local;
+    let internal_target = if internal_local_drop {
+        "DROP"
     } else {
-        ("REJECT", &no_endpoints)
+        "REJECT"
     };
-    let (external_target, external_comment) = if has_any && external_local {
-        ("DROP", &no_local)
+    let internal_comment = || {
+        if internal_local_drop {
+            no_local()
+        } else {
+            no_endpoints()
+        }
+    };
+    let external_local_drop = has_any && external_local;
+    let external_target = if external_local_drop {
+        "DROP"
     } else {
-        ("REJECT", &no_endpoints)
+        "REJECT"
+    };
+    let external_comment = || {
+        if external_local_drop {
+            no_local()
+        } else {
+            no_endpoints()
+        }
     };
     rec.no_local_internal = has_any && internal_local && !has_internal;
     rec.no_local_external = has_any && external_local && !has_external;
@@ -194,14 +214,19 @@ pub(super) fn render(ctx: &Ctx<'_>, sp: &ServicePort) -> Option<PortRecord> {
         rec.push_dispatch(
             Dispatch::FilterServices,
             format!(
-                "{internal_comment} {pmatch} -d {} --dport {port} -j {internal_target}",
+                "{} {pmatch} -d {} --dport {port} -j {internal_target}",
+                internal_comment(),
                 sp.cluster_ip
             ),
         );
     }
 
     // External IPs.
-    let ext_ip_comment = comment(&format!("{spn} external IP"));
+    let ext_ip_comment = if external_ips.is_empty() {
+        String::new()
+    } else {
+        comment(&format!("{spn} external IP"))
+    };
     for ip in &external_ips {
         if has_any {
             rec.push_dispatch(
@@ -215,14 +240,23 @@ pub(super) fn render(ctx: &Ctx<'_>, sp: &ServicePort) -> Option<PortRecord> {
         if !has_external {
             rec.push_dispatch(
                 Dispatch::FilterExternalServices,
-                format!("{external_comment} {pmatch} -d {ip} --dport {port} -j {external_target}"),
+                format!(
+                    "{} {pmatch} -d {ip} --dport {port} -j {external_target}",
+                    external_comment()
+                ),
             );
         }
     }
 
     // Load-balancer IPs.
-    let lb_comment = comment(&format!("{spn} loadbalancer IP"));
-    let fw_drop_comment = comment(&format!("{spn} traffic not accepted by {}", chains.fw));
+    let (lb_comment, fw_drop_comment) = if lb_ips.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            comment(&format!("{spn} loadbalancer IP")),
+            comment(&format!("{spn} traffic not accepted by {}", chains.fw)),
+        )
+    };
     for ip in &lb_ips {
         if has_any {
             rec.push_dispatch(
@@ -239,7 +273,10 @@ pub(super) fn render(ctx: &Ctx<'_>, sp: &ServicePort) -> Option<PortRecord> {
         if !has_external {
             rec.push_dispatch(
                 Dispatch::FilterExternalServices,
-                format!("{external_comment} {pmatch} -d {ip} --dport {port} -j {external_target}"),
+                format!(
+                    "{} {pmatch} -d {ip} --dport {port} -j {external_target}",
+                    external_comment()
+                ),
             );
         }
     }
@@ -256,7 +293,8 @@ pub(super) fn render(ctx: &Ctx<'_>, sp: &ServicePort) -> Option<PortRecord> {
             rec.push_dispatch(
                 Dispatch::FilterExternalServices,
                 format!(
-                    "{external_comment} -m addrtype --dst-type LOCAL {pmatch} --dport {np} -j {external_target}"
+                    "{} -m addrtype --dst-type LOCAL {pmatch} --dport {np} -j {external_target}",
+                    external_comment()
                 ),
             );
         }
@@ -410,17 +448,30 @@ fn endpoint_rules(
     rules: &mut Vec<String>,
 ) {
     let n = list.len();
+    // The address string and the SEP name (a SHA-256 per endpoint) are
+    // needed only for comments, SEP chains and affinity lists: the common
+    // large-cluster case (remote endpoints, no affinity) builds neither and
+    // writes the address straight into the rule.
+    let simple = ctx.large && affinity.is_none();
     let named: Vec<(String, String, bool)> = list
         .iter()
         .map(|ep| {
+            let has_chain = ctx.needs_sep(ep);
+            if simple && !has_chain {
+                return (String::new(), String::new(), false);
+            }
             let addr = ep.addr_string();
-            let sep = chains.sep(&addr);
-            (addr, sep, ctx.needs_sep(ep))
+            let sep = if has_chain || affinity.is_some() {
+                chains.sep(&addr)
+            } else {
+                String::new()
+            };
+            (addr, sep, has_chain)
         })
         .collect();
     let prefix = |addr: &str| -> String {
         if ctx.large {
-            String::new()
+            String::with_capacity(96)
         } else {
             format!("{} ", comment(&format!("{spn} -> {addr}")))
         }
@@ -441,11 +492,11 @@ fn endpoint_rules(
             }
         }
     }
-    for (i, (addr, sep, has_chain)) in named.iter().enumerate() {
+    for (i, ((addr, sep, has_chain), ep)) in named.iter().zip(list).enumerate() {
         let mut r = prefix(addr);
         if i + 1 < n {
             r.push_str("-m statistic --mode random --probability ");
-            r.push_str(&ctx.probability(n - i));
+            ctx.push_probability(&mut r, n - i);
             r.push(' ');
         }
         if *has_chain {
@@ -459,7 +510,11 @@ fn endpoint_rules(
             }
             r.push_str(pmatch);
             r.push_str(" -j DNAT --to-destination ");
-            r.push_str(addr);
+            if addr.is_empty() {
+                let _ = write!(r, "{}", std::net::SocketAddr::new(ep.ip, ep.port));
+            } else {
+                r.push_str(addr);
+            }
         }
         rules.push(r);
     }
