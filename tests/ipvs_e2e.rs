@@ -439,9 +439,12 @@ async fn kproxy_ipvs_end_to_end() {
         .unwrap();
     api.create(&slice("new", &[(&ip1, "node-a")])).unwrap();
     tokio::task::block_in_place(|| {
+        // The real server and the iptables part (no more REJECT) land in
+        // one sync, IPVS first: wait for a connection, not just the table.
         wait("new service", || {
-            ipvs_table(node).contains_key("TCP 10.96.0.20:80")
+            dest_line(node, "TCP 10.96.0.20:80", &format!("{ip1}:8080")).is_some()
                 && kube_ipvs0(node).contains("10.96.0.20/32")
+                && connect(&topo.client, sa("10.96.0.20:80")).is_ok()
         });
         assert_eq!(ask(&topo.client, sa("10.96.0.20:80")).0, "pod1");
     });
