@@ -219,7 +219,18 @@ fn selected(labels: Option<&BTreeMap<String, String>>) -> bool {
 /// and at most one Node; `List` documents are unpacked, other kinds are
 /// skipped.
 pub fn parse_objects(text: &str, source: &str) -> Result<Objects, String> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    // serde-saphyr's default budget (1024 documents, 250k nodes) is for
+    // config files; a large cluster's dump has far more. The limits grow with
+    // the file instead (a document or node takes at least a byte of it),
+    // while the alias limits that stop expansion bombs stay as they are.
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_documents = text.len() / 2 + 1024;
+    budget.max_nodes = text.len() + 250_000;
+    budget.max_events = 2 * text.len() + 1_000_000;
+    budget.max_reader_input_bytes = None;
+    let options = serde_saphyr::options! { budget: Some(budget) };
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| e.to_string())?;
     let mut objects = Objects {
         source: source.to_string(),
         ..Objects::default()
@@ -553,5 +564,36 @@ pub(crate) mod testutil {
         assert_eq!(state.ipv4.len(), 1, "the other proxy's service is skipped");
         let err = parse_objects("kind: Service\nspec: 7\n", "t").expect_err("bad");
         assert!(err.contains("document 1 (Service ?)"), "{err}");
+    }
+
+    /// A large cluster's dump is beyond serde-saphyr's default budget for
+    /// config files (1024 documents, 250k nodes); an alias bomb still is not.
+    #[test]
+    fn large_cluster_dumps_parse_and_alias_bombs_do_not() {
+        let mut text = String::new();
+        for i in 0..1100 {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n",
+                i / 256,
+                i % 256
+            ));
+        }
+        let endpoints: String = (0..100_000)
+            .map(|i| format!("- {{addresses: [10.64.0.{}]}}\n", i % 256))
+            .collect();
+        text.push_str(&format!("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s0-1, namespace: ns, labels: {{kubernetes.io/service-name: s0}}}}\naddressType: IPv4\nendpoints:\n{endpoints}"));
+        let objects = parse_objects(&text, "t").expect("a 1101-document, 300k-node file parses");
+        assert_eq!(objects.services.len(), 1100);
+        assert_eq!(objects.slices.len(), 1);
+
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..12 {
+            let prev = level - 1;
+            bomb.push_str(&format!("a{level}: &a{level} [*a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}, *a{prev}]\n"));
+        }
+        assert!(
+            parse_objects(&bomb, "t").is_err(),
+            "alias expansion is still bounded"
+        );
     }
 }
