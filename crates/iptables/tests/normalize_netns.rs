@@ -113,3 +113,55 @@ fn every_golden_plan_normalises_equal_after_a_kernel_round_trip() {
         assert!(rules_checked > 200 && respelled > 100, "the test is blind");
     }
 }
+
+/// The jump rules from the built-in chains, once installed, are found in
+/// `iptables -S CHAIN` by their normalised spelling: a full sync then
+/// checks them with one cheap listing per chain instead of a `-C` per rule
+/// (which loads the whole table with iptables-nft). A spelling that differs
+/// from iptables' would still work, through `-C`, but slowly; this catches it.
+#[test]
+fn planner_jump_rules_are_found_by_listing_after_ensure() {
+    use kproxy_iptables::planner::{Planner, PlannerConfig};
+    use kproxy_iptables::proxier::jump_rule;
+
+    if skip_unless_root("planner_jump_rules_are_found_by_listing_after_ensure") {
+        return;
+    }
+    let goldens = goldens();
+    for backend in [Backend::Legacy, Backend::Nft] {
+        for family in IpFamily::ALL {
+            let (name, text) = goldens
+                .iter()
+                .find(|(name, text)| {
+                    (family == IpFamily::V6) == (text.contains("::") || name.contains("ipv6"))
+                })
+                .expect("a golden plan of each family");
+            let planner = Planner::new(PlannerConfig::new(family)).expect("default config");
+            let rules: Vec<_> = planner.jump_rules().iter().map(jump_rule).collect();
+            assert!(rules.len() >= 10, "{rules:?}");
+            let ns = Netns::create(&format!("jumps-{}", backend.as_str())).expect("create netns");
+            let ipt = Iptables::new(family, backend);
+            let (added, again, unlisted) = ns
+                .run_in(|| -> Result<_, String> {
+                    ipt.restore(text).map_err(|e| e.to_string())?;
+                    let added = ipt.ensure_jump_rules(&rules).map_err(|e| e.to_string())?;
+                    let again = ipt.ensure_jump_rules(&rules).map_err(|e| e.to_string())?;
+                    let unlisted: Vec<String> = ipt
+                        .jump_rules_not_listed(&rules)
+                        .map_err(|e| e.to_string())?
+                        .iter()
+                        .map(|r| format!("{} {} {:?}", r.table, r.chain, r.rulespec))
+                        .collect();
+                    Ok((added, again, unlisted))
+                })
+                .expect("run in netns")
+                .unwrap_or_else(|e| panic!("{name} ({backend} {family}): {e}"));
+            assert_eq!(added, rules.len(), "{backend} {family}");
+            assert_eq!(again, 0, "{backend} {family}");
+            assert!(
+                unlisted.is_empty(),
+                "{backend} {family}: not found by listing: {unlisted:#?}"
+            );
+        }
+    }
+}
