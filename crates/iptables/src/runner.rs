@@ -14,6 +14,7 @@
 //! running these calls on a thread that entered a namespace applies the rules
 //! there.
 
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt;
@@ -661,19 +662,23 @@ impl Iptables {
         let mut missing = Vec::new();
         for rule in rules {
             let key = (rule.table.as_str(), rule.chain.as_str());
-            if !listed.contains_key(&key) {
-                let args = vec!["-S".to_string(), rule.chain.clone()];
-                let prefix = format!("-A {} ", rule.chain);
-                let specs = self
-                    .run_command(&rule.table, &args)?
-                    .lines()
-                    .filter_map(|l| l.strip_prefix(&prefix))
-                    .map(normalize)
-                    .collect();
-                listed.insert(key, specs);
-            }
+            let specs = match listed.entry(key) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let args = vec!["-S".to_string(), rule.chain.clone()];
+                    let prefix = format!("-A {} ", rule.chain);
+                    let listing = self.run_command(&rule.table, &args)?;
+                    e.insert(
+                        listing
+                            .lines()
+                            .filter_map(|l| l.strip_prefix(&prefix))
+                            .map(normalize)
+                            .collect(),
+                    )
+                }
+            };
             let spec = normalize(&quote_args(&rule.rulespec));
-            if !listed.get(&key).is_some_and(|specs| specs.contains(&spec)) {
+            if !specs.contains(&spec) {
                 missing.push(rule);
             }
         }
