@@ -198,7 +198,7 @@ fn ipvs(input: &Input) -> Result<String, ToolError> {
                     "scheduler": d.service.scheduler,
                     "persistence_seconds": (d.service.timeout > 0).then_some(d.service.timeout),
                     "service_port": d.port_name.to_string(),
-                    "kind": format!("{:?}", d.kind),
+                    "kind": d.kind.as_str(),
                     "real_servers": d.dests.keys().map(|a| a.to_string()).collect::<Vec<_>>(),
                 })
             })
@@ -234,11 +234,11 @@ fn ipvs(input: &Input) -> Result<String, ToolError> {
         };
         let _ = writeln!(
             out,
-            "{}  {}{persistence}    # {} {:?}",
+            "{}  {}{persistence}    # {} {}",
             d.service.key(),
             d.service.scheduler,
             d.port_name,
-            d.kind
+            d.kind.as_str()
         );
         for addr in d.dests.keys() {
             let _ = writeln!(out, "  -> {addr}  Masq 1");

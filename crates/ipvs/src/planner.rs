@@ -119,6 +119,18 @@ pub enum VsKind {
     ExternalIp,
 }
 
+impl VsKind {
+    /// Kubernetes' spelling, for tools' output.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VsKind::ClusterIp => "ClusterIP",
+            VsKind::NodePort => "NodePort",
+            VsKind::LoadBalancer => "LoadBalancer",
+            VsKind::ExternalIp => "ExternalIP",
+        }
+    }
+}
+
 /// One virtual server and the real servers it should have.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
