@@ -76,7 +76,7 @@ pub struct Cli {
     #[arg(global = true, long, value_name = "DURATION")]
     pub iptables_sync_period: Option<String>,
 
-    /// Minimum interval between iptables resyncs (default 1s; 0 = sync on every change).
+    /// Minimum interval between iptables resyncs (default: adaptive 250ms–1s, twice the last sync's duration; 0 = sync on every change).
     #[arg(global = true, long, value_name = "DURATION")]
     pub iptables_min_sync_period: Option<String>,
 

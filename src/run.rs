@@ -4,20 +4,22 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use kproxy_metrics::{
     node_eligible, DebugState, HealthState, Metrics, ServiceHealthServers, ServiceHealthTarget,
 };
 use kproxy_model::{Proxier, ProxyState, StateBuilder, SyncReport};
-use kproxy_watch::{Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver};
+use kproxy_watch::{
+    MinSyncInterval, Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::backend;
-use crate::config::Settings;
+use crate::config::{MinSyncPeriod, Settings};
 
 /// Runs kproxy until SIGTERM or SIGINT. Rules are left in place on exit:
 /// traffic keeps flowing while kproxy restarts.
@@ -39,6 +41,11 @@ async fn run_async(settings: Settings) -> Result<()> {
         warn!("{warning}");
     }
     let (sync_period, min_sync_period) = settings.sync_periods();
+    let min_sync_interval = match min_sync_period {
+        MinSyncPeriod::Adaptive => MinSyncInterval::Adaptive,
+        MinSyncPeriod::Fixed(d) => MinSyncInterval::Fixed(d),
+    };
+    info!("min sync period: {min_sync_interval}");
 
     // Everything that can fail on bad configuration fails before anything
     // is started, each with an error naming its cause; the backend, which
@@ -87,7 +94,7 @@ async fn run_async(settings: Settings) -> Result<()> {
         client,
         WatchConfig {
             node_name: settings.node_name.clone(),
-            min_sync_interval: min_sync_period,
+            min_sync_interval,
             sync_period,
         },
         observer,
@@ -165,9 +172,12 @@ impl SyncLoop {
                 _ = sleep_opt(self.retry_delay) => TriggerReason::Changes,
                 _ = shutdown.wait_for(|stop| *stop) => return,
             };
+            let started = Instant::now();
             let pending = self.watch.take_pending();
             let report = tokio::task::block_in_place(|| self.sync_once(reason, &pending));
             self.after_sync(&report, &pending);
+            // The adaptive min sync interval follows the sync's cost.
+            trigger.sync_done(started.elapsed());
             if *shutdown.borrow() {
                 return;
             }

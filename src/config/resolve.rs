@@ -15,7 +15,8 @@ use super::duration::{format_go_duration, parse_go_duration};
 use super::file::{GoDuration, KubeProxyConfiguration};
 use super::{
     ConfigError, ConntrackSettings, DetectLocalMode, IptablesBackend, IptablesSettings,
-    IpvsScheduler, IpvsSettings, LocalDetection, LogFormat, NodePortAddress, ProxyMode, Settings,
+    IpvsScheduler, IpvsSettings, LocalDetection, LogFormat, MinSyncPeriod, NodePortAddress,
+    ProxyMode, Settings,
 };
 use crate::cli::Cli;
 
@@ -595,7 +596,13 @@ pub(crate) fn resolve(
         true,
         DEFAULT_IPTABLES_MIN_SYNC_PERIOD,
     )?;
-    let (sync_period, min_sync_period) = sync_pair(&ctx, sync, min)?;
+    // Validated against the 1 s default as before; unset means adaptive,
+    // whose ceiling that default is.
+    let (sync_period, min_value) = sync_pair(&ctx, sync, min)?;
+    let min_sync_period = match min.1 {
+        Origin::Default => MinSyncPeriod::Adaptive,
+        Origin::Flag(_) | Origin::File(_) => MinSyncPeriod::Fixed(min_value),
+    };
     let masquerade_bit = match parse_flag(
         &cli.iptables_masquerade_bit,
         "iptables-masquerade-bit",

@@ -20,7 +20,7 @@ use crate::cache::{Cache, ListDone, Now, Outcome, SyncStatus};
 use crate::observer::WatchObserver;
 use crate::pending::Pending;
 use crate::shared::Shared;
-use crate::trigger::{SyncTrigger, TriggerTiming};
+use crate::trigger::{MinSyncInterval, SyncTrigger, TriggerTiming};
 
 /// Upstream's label selector for Services and EndpointSlices: skip objects
 /// owned by another proxy, and headless services.
@@ -32,18 +32,20 @@ pub const LABEL_SELECTOR: &str =
 pub struct WatchConfig {
     /// The own node: its Node object is watched, and endpoints on it are local.
     pub node_name: String,
-    /// Least time between the starts of two syncs (upstream `minSyncPeriod`).
-    pub min_sync_interval: Duration,
+    /// How soon a sync may follow the previous one (upstream
+    /// `minSyncPeriod`, or adaptive when the operator did not set it).
+    pub min_sync_interval: MinSyncInterval,
     /// Most time between two syncs; a forced resync (upstream `syncPeriod`).
     pub sync_period: Duration,
 }
 
 impl WatchConfig {
-    /// Upstream's defaults: 1 s min sync period, 30 s sync period.
+    /// kproxy's defaults: an adaptive min sync interval (upstream's fixed
+    /// 1 s is its ceiling), 30 s sync period.
     pub fn new(node_name: impl Into<String>) -> Self {
         WatchConfig {
             node_name: node_name.into(),
-            min_sync_interval: Duration::from_secs(1),
+            min_sync_interval: MinSyncInterval::Adaptive,
             sync_period: Duration::from_secs(30),
         }
     }
@@ -107,7 +109,7 @@ impl WatchHandle {
         ];
         WatchHandle {
             shared,
-            timing: TriggerTiming::new(cfg.min_sync_interval, cfg.sync_period),
+            timing: TriggerTiming::with_min(cfg.min_sync_interval, cfg.sync_period),
             tasks,
         }
     }

@@ -17,4 +17,4 @@ pub use cache::{SyncStatus, SERVICE_NAME_LABEL};
 pub use handle::{Applied, WatchConfig, WatchHandle, LABEL_SELECTOR};
 pub use observer::{NoopObserver, WatchObserver};
 pub use pending::{parse_trigger_time, Pending, LAST_CHANGE_TRIGGER_TIME};
-pub use trigger::{Decision, SyncTrigger, TriggerReason, TriggerTiming};
+pub use trigger::{Decision, LastSync, MinSyncInterval, SyncTrigger, TriggerReason, TriggerTiming};

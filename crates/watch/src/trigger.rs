@@ -1,6 +1,9 @@
 //! When to sync: upstream's BoundedFrequencyRunner, as a pure state machine
-//! ([`TriggerTiming::decide`]) and a thin async wrapper ([`SyncTrigger`]).
+//! ([`TriggerTiming::decide`]) and a thin async wrapper ([`SyncTrigger`]);
+//! the min interval is fixed (upstream's) or adapts to the last sync's
+//! duration ([`MinSyncInterval`]).
 
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,26 +30,121 @@ pub enum Decision {
     WaitForChange,
 }
 
+/// How soon after one sync the next may start when changes are pending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MinSyncInterval {
+    /// At least this long between the starts of two syncs (upstream
+    /// `minSyncPeriod`, set by the operator).
+    Fixed(Duration),
+    /// A coalescing window after the previous sync ended of twice its
+    /// duration, at least [`Self::ADAPTIVE_FLOOR`]; never later than
+    /// [`Self::ADAPTIVE_CEILING`] after its start, so never later than the
+    /// fixed default would fire. Under churn sync work then takes about a
+    /// third of a core, and a change waits about window + sync instead of
+    /// a fixed second plus the sync.
+    Adaptive,
+}
+
+impl MinSyncInterval {
+    /// The least coalescing window: bursts still merge into one sync.
+    pub const ADAPTIVE_FLOOR: Duration = Duration::from_millis(250);
+    /// Upstream's default `minSyncPeriod`: the adaptive interval never
+    /// exceeds it.
+    pub const ADAPTIVE_CEILING: Duration = Duration::from_secs(1);
+    /// The window is this many times the previous sync's duration.
+    const ADAPTIVE_FACTOR: u32 = 2;
+
+    /// The earliest start of the next sync after `last`; `None` if that
+    /// overflows `Instant` (a huge fixed interval: never).
+    fn next_start(self, last: LastSync) -> Option<Instant> {
+        match self {
+            MinSyncInterval::Fixed(interval) => last.started.checked_add(interval),
+            MinSyncInterval::Adaptive => {
+                // Not reported (yet): as if the sync took no time.
+                let took = last.took.unwrap_or(Duration::ZERO);
+                let window = took
+                    .saturating_mul(Self::ADAPTIVE_FACTOR)
+                    .clamp(Self::ADAPTIVE_FLOOR, Self::ADAPTIVE_CEILING);
+                let after_window = took.saturating_add(window);
+                // A sync longer than the ceiling: the next may start as soon
+                // as it ended, as with the fixed default.
+                let cap = took.max(Self::ADAPTIVE_CEILING);
+                last.started.checked_add(after_window.min(cap))
+            }
+        }
+    }
+}
+
+impl fmt::Display for MinSyncInterval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MinSyncInterval::Fixed(d) if d.is_zero() => f.write_str("0s"),
+            MinSyncInterval::Fixed(d) => write!(f, "{d:?}"),
+            MinSyncInterval::Adaptive => write!(
+                f,
+                "adaptive {:?}\u{2013}{:?}",
+                Self::ADAPTIVE_FLOOR,
+                Self::ADAPTIVE_CEILING
+            ),
+        }
+    }
+}
+
+/// The previous sync, as the timing rules see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LastSync {
+    /// When the trigger fired for it.
+    pub started: Instant,
+    /// How long it took, once the sync loop reported it.
+    pub took: Option<Duration>,
+}
+
+impl LastSync {
+    /// A sync started at `started` whose duration is not known yet.
+    pub fn started_at(started: Instant) -> Self {
+        LastSync {
+            started,
+            took: None,
+        }
+    }
+
+    pub fn took(self, took: Duration) -> Self {
+        LastSync {
+            took: Some(took),
+            ..self
+        }
+    }
+}
+
 /// The timing rules of the sync trigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TriggerTiming {
-    min_interval: Duration,
+    min_interval: MinSyncInterval,
     max_interval: Duration,
 }
 
 impl TriggerTiming {
-    /// `min_interval` is the least time between the starts of two syncs
-    /// (upstream `minSyncPeriod`), `max_interval` the most (`syncPeriod`).
-    /// `max_interval` is raised to `min_interval` if smaller, and to 1 ms
-    /// so a zero cannot turn the trigger into a busy loop.
+    /// A fixed `min_interval`: the least time between the starts of two
+    /// syncs (upstream `minSyncPeriod`); `max_interval` is the most
+    /// (`syncPeriod`).
     pub fn new(min_interval: Duration, max_interval: Duration) -> Self {
+        Self::with_min(MinSyncInterval::Fixed(min_interval), max_interval)
+    }
+
+    /// `max_interval` is raised to the (largest) min interval if smaller,
+    /// and to 1 ms so a zero cannot turn the trigger into a busy loop.
+    pub fn with_min(min_interval: MinSyncInterval, max_interval: Duration) -> Self {
+        let floor = match min_interval {
+            MinSyncInterval::Fixed(d) => d,
+            MinSyncInterval::Adaptive => MinSyncInterval::ADAPTIVE_CEILING,
+        };
         TriggerTiming {
             min_interval,
-            max_interval: max_interval.max(min_interval).max(Duration::from_millis(1)),
+            max_interval: max_interval.max(floor).max(Duration::from_millis(1)),
         }
     }
 
-    pub fn min_interval(&self) -> Duration {
+    pub fn min_interval(&self) -> MinSyncInterval {
         self.min_interval
     }
 
@@ -55,7 +153,7 @@ impl TriggerTiming {
     }
 
     /// Decides at `now`, given whether both lists are done (`synced`),
-    /// whether changes are pending, and when the previous sync started.
+    /// whether changes are pending, and the previous sync.
     ///
     /// A change after a long idle time fires at once: the min interval is
     /// measured from the last sync, not from the change, so only bursts
@@ -65,7 +163,7 @@ impl TriggerTiming {
         now: Instant,
         synced: bool,
         pending: bool,
-        last_sync: Option<Instant>,
+        last_sync: Option<LastSync>,
     ) -> Decision {
         if !synced {
             return Decision::WaitForChange;
@@ -76,13 +174,13 @@ impl TriggerTiming {
         if pending {
             // A huge interval that overflows `Instant` means "not before
             // the periodic deadline", which overflows too: wait for changes.
-            return match last.checked_add(self.min_interval) {
+            return match self.min_interval.next_start(last) {
                 Some(at) if now >= at => Decision::Fire(TriggerReason::Changes),
                 Some(at) => Decision::WaitUntil(at),
                 None => Decision::WaitForChange,
             };
         }
-        match last.checked_add(self.max_interval) {
+        match last.started.checked_add(self.max_interval) {
             Some(at) if now >= at => Decision::Fire(TriggerReason::Periodic),
             Some(at) => Decision::WaitUntil(at),
             None => Decision::WaitForChange,
@@ -96,7 +194,7 @@ impl TriggerTiming {
 /// and the trigger only fires periodically.
 pub struct SyncTrigger {
     timing: TriggerTiming,
-    last_sync: Option<Instant>,
+    last_sync: Option<LastSync>,
     shared: Arc<Shared>,
 }
 
@@ -115,7 +213,15 @@ impl SyncTrigger {
 
     /// When the last sync was started (when `next` last returned).
     pub fn last_sync(&self) -> Option<Instant> {
-        self.last_sync
+        self.last_sync.map(|l| l.started)
+    }
+
+    /// Reports how long the sync started by the last `next` took; the
+    /// adaptive interval is derived from it.
+    pub fn sync_done(&mut self, took: Duration) {
+        if let Some(last) = &mut self.last_sync {
+            last.took = Some(took);
+        }
     }
 
     /// Returns when the caller should sync; the sync is taken to start now.
@@ -132,7 +238,7 @@ impl SyncTrigger {
             let now = Instant::now();
             match self.timing.decide(now, synced, pending, self.last_sync) {
                 Decision::Fire(reason) => {
-                    self.last_sync = Some(now);
+                    self.last_sync = Some(LastSync::started_at(now));
                     return reason;
                 }
                 Decision::WaitUntil(at) => {
@@ -158,6 +264,11 @@ mod tests {
         TriggerTiming::new(MIN, MAX)
     }
 
+    /// A previous sync started at `t` (its duration not reported).
+    fn at(t: Instant) -> Option<LastSync> {
+        Some(LastSync::started_at(t))
+    }
+
     fn secs(s: u64) -> Duration {
         Duration::from_secs(s)
     }
@@ -170,7 +281,7 @@ mod tests {
         assert_eq!(t.decide(t0, false, false, None), Decision::WaitForChange);
         // Even long after a sync: without both lists nothing fires.
         assert_eq!(
-            t.decide(t0 + secs(3600), false, true, Some(t0)),
+            t.decide(t0 + secs(3600), false, true, at(t0)),
             Decision::WaitForChange
         );
     }
@@ -195,12 +306,12 @@ mod tests {
         let t = timing();
         // Last sync 10 s ago, a change arrives now: no waiting at all.
         assert_eq!(
-            t.decide(t0 + secs(10), true, true, Some(t0)),
+            t.decide(t0 + secs(10), true, true, at(t0)),
             Decision::Fire(TriggerReason::Changes)
         );
         // Exactly at the min interval fires too.
         assert_eq!(
-            t.decide(t0 + MIN, true, true, Some(t0)),
+            t.decide(t0 + MIN, true, true, at(t0)),
             Decision::Fire(TriggerReason::Changes)
         );
     }
@@ -211,13 +322,13 @@ mod tests {
         let t = timing();
         let now = t0 + Duration::from_millis(200);
         assert_eq!(
-            t.decide(now, true, true, Some(t0)),
+            t.decide(now, true, true, at(t0)),
             Decision::WaitUntil(t0 + MIN)
         );
         // More changes in the burst do not move the deadline.
         let later = t0 + Duration::from_millis(900);
         assert_eq!(
-            t.decide(later, true, true, Some(t0)),
+            t.decide(later, true, true, at(t0)),
             Decision::WaitUntil(t0 + MIN)
         );
     }
@@ -227,16 +338,16 @@ mod tests {
         let t0 = Instant::now();
         let t = timing();
         assert_eq!(
-            t.decide(t0 + secs(5), true, false, Some(t0)),
+            t.decide(t0 + secs(5), true, false, at(t0)),
             Decision::WaitUntil(t0 + MAX)
         );
         assert_eq!(
-            t.decide(t0 + MAX, true, false, Some(t0)),
+            t.decide(t0 + MAX, true, false, at(t0)),
             Decision::Fire(TriggerReason::Periodic)
         );
         // Pending changes at the deadline are reported as changes.
         assert_eq!(
-            t.decide(t0 + MAX, true, true, Some(t0)),
+            t.decide(t0 + MAX, true, true, at(t0)),
             Decision::Fire(TriggerReason::Changes)
         );
     }
@@ -261,7 +372,7 @@ mod tests {
             let now = t0 + Duration::from_millis(now_ms);
             if let Decision::Fire(reason) = t.decide(now, true, pending, last) {
                 fired.push((now_ms, reason));
-                last = Some(now);
+                last = Some(LastSync::started_at(now));
                 pending = false;
             }
             now_ms += 50;
@@ -281,17 +392,155 @@ mod tests {
         );
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn adaptive_window_follows_the_last_sync_duration() {
+        let t = TriggerTiming::with_min(MinSyncInterval::Adaptive, MAX);
+        let t0 = Instant::now();
+        let last = |took: u64| Some(LastSync::started_at(t0).took(ms(took)));
+        // (sync took, next sync may start) in ms after the sync's start:
+        // took + clamp(2 × took, 250, 1000), but never after 1 s, unless
+        // the sync itself took longer.
+        for (took, next) in [
+            (0, 250),
+            (50, 300),
+            (100, 350),
+            (150, 450),
+            (200, 600),
+            (300, 900),
+            (400, 1000),
+            (900, 1000),
+            (3000, 3000),
+        ] {
+            assert_eq!(
+                t.decide(t0 + ms(took), true, true, last(took)),
+                if next > took {
+                    Decision::WaitUntil(t0 + ms(next))
+                } else {
+                    Decision::Fire(TriggerReason::Changes)
+                },
+                "sync took {took} ms"
+            );
+            assert_eq!(
+                t.decide(t0 + ms(next), true, true, last(took)),
+                Decision::Fire(TriggerReason::Changes),
+                "sync took {took} ms"
+            );
+        }
+        // Duration not reported: the floor from the start.
+        assert_eq!(
+            t.decide(t0, true, true, at(t0)),
+            Decision::WaitUntil(t0 + ms(250))
+        );
+        // After idle a change still fires at once, and the periodic resync
+        // keeps its period.
+        assert_eq!(
+            t.decide(t0 + secs(5), true, true, last(100)),
+            Decision::Fire(TriggerReason::Changes)
+        );
+        assert_eq!(
+            t.decide(t0 + secs(5), true, false, last(100)),
+            Decision::WaitUntil(t0 + MAX)
+        );
+    }
+
+    #[test]
+    fn fixed_interval_ignores_the_sync_duration() {
+        let t0 = Instant::now();
+        let last = Some(LastSync::started_at(t0).took(ms(100)));
+        assert_eq!(
+            timing().decide(t0 + ms(100), true, true, last),
+            Decision::WaitUntil(t0 + MIN)
+        );
+        let zero = TriggerTiming::new(Duration::ZERO, MAX);
+        assert_eq!(
+            zero.decide(t0 + ms(100), true, true, last),
+            Decision::Fire(TriggerReason::Changes)
+        );
+    }
+
+    /// Sync starts and the longest wait of a change (arrival → end of the
+    /// sync that programs it) under constant churn, each sync taking `took`.
+    fn churn(t: TriggerTiming, took: u64) -> (Vec<u64>, u64) {
+        let t0 = Instant::now();
+        let mut last: Option<LastSync> = None;
+        let mut starts = Vec::new();
+        let mut oldest_pending: Option<u64> = None;
+        let mut worst = 0;
+        let mut now_ms = 0u64;
+        while now_ms <= 5000 {
+            // A change every 10 ms; the first sync is the initial one.
+            if now_ms > 0 && oldest_pending.is_none() {
+                oldest_pending = Some(now_ms);
+            }
+            let now = t0 + ms(now_ms);
+            if let Decision::Fire(_) = t.decide(now, true, oldest_pending.is_some(), last) {
+                starts.push(now_ms);
+                if let Some(first) = oldest_pending.take() {
+                    worst = worst.max(now_ms + took - first);
+                }
+                // The loop is busy until the sync ends, then reports it;
+                // meanwhile the next change (10 ms later) is pending.
+                last = Some(LastSync::started_at(now).took(ms(took)));
+                oldest_pending = Some(now_ms + 10);
+                now_ms += took;
+                continue;
+            }
+            now_ms += 10;
+        }
+        (starts, worst)
+    }
+
+    #[test]
+    fn under_churn_adaptive_syncs_sooner_than_the_fixed_second() {
+        let adaptive = TriggerTiming::with_min(MinSyncInterval::Adaptive, MAX);
+        // 150 ms syncs: a 300 ms window after each, 450 ms between starts,
+        // a third of the time spent syncing; a change arriving just after a
+        // start waits for the next one and its sync.
+        let (starts, worst) = churn(adaptive, 150);
+        let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g == 450), "{gaps:?}");
+        assert_eq!(worst, 450 + 150 - 10);
+        // The fixed default waits a whole second between starts.
+        let (starts, worst) = churn(timing(), 150);
+        let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g == 1000), "{gaps:?}");
+        assert_eq!(worst, 1000 + 150 - 10);
+        // Slow syncs: adaptive is never later than the fixed default.
+        for took in [50, 333, 500, 1000, 1500] {
+            let (a, _) = churn(adaptive, took);
+            let (f, _) = churn(timing(), took);
+            assert!(a.len() >= f.len(), "{took}: {} < {}", a.len(), f.len());
+        }
+    }
+
+    #[test]
+    fn min_interval_is_shown_for_the_start_log() {
+        assert_eq!(
+            MinSyncInterval::Adaptive.to_string(),
+            "adaptive 250ms\u{2013}1s"
+        );
+        assert_eq!(MinSyncInterval::Fixed(secs(1)).to_string(), "1s");
+        assert_eq!(MinSyncInterval::Fixed(ms(500)).to_string(), "500ms");
+        assert_eq!(MinSyncInterval::Fixed(Duration::ZERO).to_string(), "0s");
+    }
+
     #[test]
     fn intervals_are_sanitised() {
         let t = TriggerTiming::new(secs(5), secs(1));
         assert_eq!(t.max_interval(), secs(5));
         let t = TriggerTiming::new(Duration::ZERO, Duration::ZERO);
         assert_eq!(t.max_interval(), Duration::from_millis(1));
+        let t = TriggerTiming::with_min(MinSyncInterval::Adaptive, Duration::ZERO);
+        assert_eq!(t.max_interval(), secs(1));
         // Overflowing intervals do not panic.
         let t = TriggerTiming::new(Duration::MAX, Duration::MAX);
         let t0 = Instant::now();
-        assert_eq!(t.decide(t0, true, true, Some(t0)), Decision::WaitForChange);
-        assert_eq!(t.decide(t0, true, false, Some(t0)), Decision::WaitForChange);
+        assert_eq!(t.decide(t0, true, true, at(t0)), Decision::WaitForChange);
+        assert_eq!(t.decide(t0, true, false, at(t0)), Decision::WaitForChange);
     }
 }
 
@@ -385,5 +634,31 @@ mod async_tests {
         let (reason, took) = fire(&mut trigger, Duration::from_secs(3)).await.unwrap();
         assert_eq!(reason, TriggerReason::Periodic);
         assert!(took >= Duration::from_millis(1400), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn adaptive_wrapper_uses_the_reported_sync_duration() {
+        let shared = Arc::new(Shared::new(Cache::new("n", SystemTime::now())));
+        let timing = TriggerTiming::with_min(MinSyncInterval::Adaptive, Duration::from_secs(30));
+        let mut trigger = SyncTrigger::new(timing, shared.clone());
+        shared.update(|c| c.service_event(Event::Init, Now::current()));
+        shared.update(|c| c.service_event(Event::InitDone, Now::current()));
+        shared.update(|c| c.slice_event(Event::Init, Now::current()));
+        shared.update(|c| c.slice_event(Event::InitDone, Now::current()));
+        let (reason, _) = fire(&mut trigger, Duration::from_secs(2)).await.unwrap();
+        assert_eq!(reason, TriggerReason::Initial);
+        shared.lock().take_pending();
+
+        // Not reported: the 250 ms floor.
+        change(&shared, "a", "1");
+        let (_, took) = fire(&mut trigger, Duration::from_secs(2)).await.unwrap();
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        shared.lock().take_pending();
+
+        // A 200 ms sync reported: the next starts 200 + 400 ms after it.
+        trigger.sync_done(Duration::from_millis(200));
+        change(&shared, "a", "2");
+        let (_, took) = fire(&mut trigger, Duration::from_secs(2)).await.unwrap();
+        assert!(took >= Duration::from_millis(550), "{took:?}");
     }
 }

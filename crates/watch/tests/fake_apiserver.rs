@@ -16,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kproxy_model::{IpFamily, ServiceKey, StateBuilder};
 use kproxy_testkit::apiserver::FakeApiServer;
 use kproxy_watch::{
-    Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver, LAST_CHANGE_TRIGGER_TIME,
-    SERVICE_NAME_LABEL,
+    MinSyncInterval, Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver,
+    LAST_CHANGE_TRIGGER_TIME, SERVICE_NAME_LABEL,
 };
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -199,7 +199,7 @@ async fn client(server: &FakeApiServer, gate: Option<watch::Receiver<bool>>) -> 
 fn config() -> WatchConfig {
     WatchConfig {
         node_name: NODE.into(),
-        min_sync_interval: Duration::from_millis(100),
+        min_sync_interval: MinSyncInterval::Fixed(Duration::from_millis(100)),
         sync_period: Duration::from_secs(60),
     }
 }
