@@ -261,9 +261,6 @@ impl IpvsProxier {
     fn do_sync(&mut self, state: &ProxyState, changes: &Changes) -> SyncReport {
         let start = Instant::now();
         let full = self.needs_full || changes.force_full || self.applied.is_none();
-        // Jumps from built-in chains cost two iptables runs each: checked on
-        // the first sync and after failures, not on every periodic full sync.
-        let ensure_jumps = self.needs_full || self.applied.is_none();
         let kind = if full {
             SyncKind::Full
         } else {
@@ -434,7 +431,10 @@ impl IpvsProxier {
                     continue;
                 }
             }
-            if ensure_jumps {
+            // On every full sync (periodic ones too), as iptables mode: a
+            // flushed built-in chain loses our jump, and the --noflush
+            // restore of our own chains does not bring it back.
+            if full {
                 if let Err(e) = ipt.ensure_jump_rules(&jump_rules()) {
                     note(&mut failure, "iptables", e.to_string());
                 }
