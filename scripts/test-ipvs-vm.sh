@@ -6,7 +6,8 @@
 # Usage: scripts/test-ipvs-vm.sh [extra libtest args, e.g. a test name filter]
 # Env:   CARGO_TARGET_DIR (default <repo>/target; must be under the repo,
 #        which the VM shares read-write), IPVS_VM_RUNNER (the VM script),
-#        IPVS_VM_TIMEOUT (passed through; default here 900 s).
+#        IPVS_VM_TIMEOUT (passed through; default here 900 s); every
+#        KPROXY_* variable reaches the tests (e.g. KPROXY_IPVS_OUTAGE_SECS).
 # Exit:  0 if every test binary passed, 1 if any failed, the VM runner's
 #        status (124/125) if the VM itself failed.
 set -euo pipefail
@@ -23,11 +24,11 @@ case "$(cd "$CARGO_TARGET_DIR" 2>/dev/null && pwd -P || echo "$CARGO_TARGET_DIR"
 esac
 
 start=$(date +%s)
-echo "== building kproxy-ipvs and ipvs_e2e test binaries"
+echo "== building kproxy-ipvs, ipvs_e2e and ipvs_reliability test binaries"
 # One JSON line per artifact; test binaries are those with an "executable".
-# kproxy-ipvs's own tests, then the root package's tests/ipvs_e2e.rs (which
-# also builds the kproxy binary it runs).
-BUILDS=("-p kproxy-ipvs" "-p kproxy --test ipvs_e2e")
+# kproxy-ipvs's own tests, then the root package's tests/ipvs_e2e.rs and
+# tests/ipvs_reliability.rs (which also build the kproxy binary they run).
+BUILDS=("-p kproxy-ipvs" "-p kproxy --test ipvs_e2e" "-p kproxy --test ipvs_reliability")
 BINS=()
 for b in "${BUILDS[@]}"; do
     # shellcheck disable=SC2086
@@ -67,6 +68,11 @@ EOF
     echo 'exit $failed'
 } > "$GUEST"
 chmod +x "$GUEST"
+
+# Test knobs set on the host (KPROXY_IPVS_OUTAGE_SECS, KPROXY_TEST_LOG, ...)
+# reach the tests in the guest.
+IPVS_VM_ENV="${IPVS_VM_ENV:-} $(compgen -e | grep '^KPROXY_' | tr '\n' ' ' || true)"
+export IPVS_VM_ENV
 
 echo "== booting the IPVS VM"
 set +e

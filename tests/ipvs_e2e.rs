@@ -6,7 +6,9 @@
 //! backends, pod 2 a client pod), an external client, a remote node with one
 //! backend pod. kproxy runs inside the node namespace as `ip netns exec`.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -15,28 +17,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::ipvs::{
+    dest_line, enable_br_netfilter, ipvs_args, ipvs_present, ipvs_table, kube_ipvs0, wait, WAIT,
+};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kproxy_model::fixtures::{Ep, SliceBuilder, SvcBuilder};
 use kproxy_testkit::apiserver::FakeApiServer;
 use kproxy_testkit::kproxy::KproxyProcess;
 use kproxy_testkit::netns::{Netns, Topology, CLIENT_IP_V4, NODE_IP_V4};
-
-/// The VM emulates its CPU (no KVM): an iptables run takes ~0.3 s there.
-const WAIT: Duration = Duration::from_secs(120);
-
-fn ipvs_present() -> bool {
-    let required = std::env::var("KPROXY_REQUIRE_IPVS").as_deref() == Ok("1");
-    let present = Path::new("/sys/module/ip_vs").exists();
-    assert!(
-        present || !required,
-        "KPROXY_REQUIRE_IPVS=1 but this kernel has no IPVS"
-    );
-    if !present {
-        eprintln!("skipped: no IPVS in this kernel (run scripts/test-ipvs-vm.sh)");
-    }
-    present
-}
 
 /// A TCP server in `ns` on :8080 that answers each connection with
 /// "<name> <peer ip>\n" and then echoes lines until the client closes.
@@ -150,66 +139,6 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-/// `ipvsadm -Ln` in `ns` as virtual server → set of "addr weight" real servers.
-fn ipvs_table(ns: &Netns) -> BTreeMap<String, BTreeSet<String>> {
-    let out = ns.sh("ipvsadm -Ln").unwrap();
-    let mut map: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut cur = String::new();
-    for line in out.lines().skip(3) {
-        let w: Vec<&str> = line.split_whitespace().collect();
-        match w.as_slice() {
-            ["->", addr, _fwd, weight, ..] => {
-                map.entry(cur.clone())
-                    .or_default()
-                    .insert(format!("{addr} {weight}"));
-            }
-            [proto, addr, ..] => {
-                cur = format!("{proto} {addr}");
-                map.entry(cur.clone()).or_default();
-            }
-            _ => {}
-        }
-    }
-    map
-}
-
-/// `ipvsadm -Ln` line of one real server, e.g. "-> 10.244.1.10:8080 Masq 0 1 0".
-fn dest_line(ns: &Netns, vs: &str, dest: &str) -> Option<String> {
-    let out = ns.sh("ipvsadm -Ln").unwrap();
-    let mut in_vs = false;
-    for line in out.lines() {
-        let l = line.split_whitespace().collect::<Vec<_>>().join(" ");
-        if !l.starts_with("->") {
-            in_vs = l.starts_with(vs);
-        } else if in_vs && l.starts_with(&format!("-> {dest} ")) {
-            return Some(l);
-        }
-    }
-    None
-}
-
-fn kube_ipvs0(ns: &Netns) -> BTreeSet<String> {
-    ns.sh("ip -o -4 addr show dev kube-ipvs0")
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let w: Vec<&str> = l.split_whitespace().collect();
-            w.iter()
-                .position(|t| *t == "inet")
-                .and_then(|i| w.get(i + 1))
-                .map(|s| s.to_string())
-        })
-        .collect()
-}
-
-fn wait(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn slice(svc: &str, eps: &[(&str, &str)]) -> EndpointSlice {
     let mut b =
         SliceBuilder::new("default", &format!("{svc}-1"), svc, "IPv4").port("", 8080, "TCP");
@@ -228,14 +157,9 @@ async fn kproxy_ipvs_end_to_end() {
     if !ipvs_present() {
         return;
     }
-    // Bridged pod-to-pod service traffic needs br_netfilter, as on real nodes.
-    let _ = std::process::Command::new("modprobe")
-        .arg("br_netfilter")
-        .status();
     let topo = Topology::builder().pods(3).remote_pods(1).build().unwrap();
     let node = &topo.node;
-    node.set_sysctl("net/bridge/bridge-nf-call-iptables", "1")
-        .unwrap();
+    enable_br_netfilter(node);
     let (p0, p1, client_pod, r0) = (topo.pod(0), topo.pod(1), topo.pod(2), topo.remote_pod(0));
     let _servers = [
         who_server(&p0.ns, "pod0"),
@@ -295,13 +219,7 @@ async fn kproxy_ipvs_end_to_end() {
     .unwrap();
 
     let binary = Path::new(env!("CARGO_BIN_EXE_kproxy"));
-    let args = vec![
-        "--mode=ipvs".to_string(),
-        format!("--kubeconfig={}", kubeconfig.path().display()),
-        "--hostname-override=node-a".to_string(),
-        "--cluster-cidr=10.244.0.0/16".to_string(),
-        "--ipvs-min-sync-period=0s".to_string(),
-    ];
+    let args = ipvs_args(kubeconfig.path());
     let mut k =
         tokio::task::block_in_place(|| KproxyProcess::spawn(binary, Some(node), &args)).unwrap();
 

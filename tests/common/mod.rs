@@ -4,6 +4,8 @@
 //! node namespace's loopback (so kproxy reaches it without any route).
 #![allow(dead_code)]
 
+pub mod ipvs;
+
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
