@@ -339,7 +339,9 @@ async fn kproxy_ipvs_end_to_end() {
             "the open connection keeps working"
         );
         held.reset();
-        let deadline = Instant::now() + WAIT;
+        // The short connections to it made just before the drain stay in
+        // IPVS's table (TIME_WAIT) for 120 s, as long as WAIT.
+        let deadline = Instant::now() + WAIT + Duration::from_secs(30);
         while dest_line(node, "TCP 10.96.0.10:80", &dest).is_some() {
             assert!(
                 Instant::now() < deadline,
