@@ -195,7 +195,7 @@ mod tests {
     use super::*;
     use crate::planner::tests::ip;
     use crate::planner::VsKind;
-    use kproxy_model::{Protocol, ServiceKey as SvcName, ServicePortName};
+    use kproxy_model::{IpFamily, Protocol, ServiceKey as SvcName, ServicePortName};
 
     fn svc(proto: IpvsProtocol, addr: &str, port: u16) -> Service {
         Service::new(proto, ip(addr), port)
@@ -216,6 +216,7 @@ mod tests {
                     port: String::new(),
                     protocol: Protocol::Tcp,
                 },
+                port_family: IpFamily::V4,
                 kind: VsKind::ClusterIp,
             },
         )

@@ -1,7 +1,8 @@
 //! [`IpvsProxier`]: the `kproxy_model::Proxier` of IPVS mode, and
 //! [`cleanup`] for `kproxy --cleanup`.
 //!
-//! A sync: plan (pure) → read the kernel's IPVS table (all of it on a full
+//! A sync: plan (pure; a partial sync updates the last plan for the changed
+//! service ports only) → read the kernel's IPVS table (all of it on a full
 //! sync; only the virtual servers of changed service ports and of draining
 //! real servers on a partial one) → diff (pure) → add missing kube-ipvs0
 //! addresses → apply the operations in order → remove stale addresses →
@@ -25,16 +26,14 @@ use std::time::{Duration, Instant};
 
 use kproxy_iptables::conntrack::{ConntrackCleaner, UdpServiceTarget};
 use kproxy_iptables::runner::{parse_save_tables, BackendPreference, Iptables, IptablesError};
-use kproxy_model::{
-    Changes, IpFamily, Proxier, ProxyState, ServicePortName, SyncFailure, SyncKind, SyncReport,
-};
+use kproxy_model::{Changes, IpFamily, Proxier, ProxyState, SyncFailure, SyncKind, SyncReport};
 use tracing::{debug, info, warn};
 
 use crate::client::{IpvsClient, IpvsError};
 use crate::codec::{Destination, IpvsProtocol, Service, ServiceKey, Timeouts};
 use crate::diff::{diff, CurrentService, DrainPolicy, DrainState, Op};
 use crate::link::{host_net, LinkClient, LinkError};
-use crate::planner::{plan, IpvsConfig, Plan};
+use crate::planner::{plan, DesiredService, IpvsConfig, Plan};
 use crate::rules::{iptables_rules, jump_rules};
 use crate::sysctl::{
     apply_sysctls, ipvs_sysctls, parse_kernel_release, SysctlError, SysctlOptions,
@@ -59,11 +58,11 @@ pub enum IpvsProxierError {
     Config(String),
 }
 
-/// What was applied last, for partial syncs.
-#[derive(Debug, Default)]
+/// What the last sync planned, kept so a partial sync updates only the
+/// changed service ports' share instead of planning everything again.
+#[derive(Debug)]
 struct Applied {
-    by_port: BTreeMap<(IpFamily, ServicePortName), Vec<ServiceKey>>,
-    addresses: BTreeSet<IpAddr>,
+    plan: Plan,
     /// The iptables restore input last applied, per family.
     iptables: BTreeMap<IpFamily, String>,
 }
@@ -261,46 +260,64 @@ impl IpvsProxier {
     fn do_sync(&mut self, state: &ProxyState, changes: &Changes) -> SyncReport {
         let start = Instant::now();
         let full = self.needs_full || changes.force_full || self.applied.is_none();
+        let shared = self.shared.clone();
+        let mut guard = lock(&shared);
+        let node_ips = self.node_ips(full);
+        // A partial sync updates the last plan, made for the same node IPs
+        // (they are only looked up again on full syncs); anything else
+        // plans afresh.
+        let last = self
+            .applied
+            .take()
+            .filter(|a| !full && a.plan.node_ips() == node_ips.as_slice());
+        let full = last.is_none();
         let kind = if full {
             SyncKind::Full
         } else {
             SyncKind::Partial
         };
-        let shared = self.shared.clone();
-        let mut guard = lock(&shared);
-        let node_ips = self.node_ips(full);
-        let plan = plan(state, &self.cfg, &node_ips);
         let mut failure: Option<SyncFailure> = None;
         let mut written = 0usize;
 
-        // What to look at, and which kernel services count as ours.
-        let (scope, have_addrs) = if full {
-            let have = match self.link.list_addresses(self.ifindex) {
-                Ok(nets) => nets.into_iter().map(|n| n.addr()).collect(),
-                Err(e) => {
-                    note(&mut failure, "netlink", e.to_string());
-                    BTreeSet::new()
-                }
-            };
-            (None, have)
-        } else {
-            let applied = self.applied.as_ref();
-            let mut keys: BTreeSet<ServiceKey> = BTreeSet::new();
-            for (family, name) in &changes.ports {
-                let k = (*family, name.clone());
-                keys.extend(plan.by_port.get(&k).into_iter().flatten());
-                keys.extend(
-                    applied
-                        .and_then(|a| a.by_port.get(&k))
-                        .into_iter()
-                        .flatten(),
-                );
+        // The plan, what to look at in the kernel (None: everything), and
+        // the kube-ipvs0 addresses to compare (None: all of the plan's).
+        let (plan, mut applied_ipt, scope, have_addrs, want_addrs) = match last {
+            None => {
+                let plan = plan(state, &self.cfg, &node_ips);
+                let have = match self.link.list_addresses(self.ifindex) {
+                    Ok(nets) => nets.into_iter().map(|n| n.addr()).collect(),
+                    Err(e) => {
+                        note(&mut failure, "netlink", e.to_string());
+                        BTreeSet::new()
+                    }
+                };
+                (plan, BTreeMap::new(), None, have, None)
             }
-            keys.extend(guard.drain.keys().map(|(k, _)| *k));
-            (
-                Some(keys),
-                applied.map(|a| a.addresses.clone()).unwrap_or_default(),
-            )
+            Some(Applied { mut plan, iptables }) => {
+                // Only the changed ports' virtual servers (before and after)
+                // and addresses can differ from the last sync.
+                let port_keys = |plan: &Plan, keys: &mut BTreeSet<ServiceKey>| {
+                    for port in &changes.ports {
+                        keys.extend(plan.by_port.get(port).into_iter().flat_map(|p| &p.keys));
+                    }
+                };
+                let addrs_in = |plan: &Plan, keys: &BTreeSet<ServiceKey>| -> BTreeSet<IpAddr> {
+                    keys.iter()
+                        .map(|k| k.addr)
+                        .filter(|a| plan.addresses.contains(a))
+                        .collect()
+                };
+                let mut keys = BTreeSet::new();
+                port_keys(&plan, &mut keys);
+                // Where the old keys were. A new key's address that another
+                // port already had is added again: EEXIST, harmless.
+                let have = addrs_in(&plan, &keys);
+                plan.update(state, &self.cfg, &changes.ports);
+                port_keys(&plan, &mut keys);
+                let want = addrs_in(&plan, &keys);
+                keys.extend(guard.drain.keys().map(|(k, _)| *k));
+                (plan, iptables, Some(keys), have, Some(want))
+            }
         };
         let current = match self.read_current(scope.as_ref()) {
             Ok(c) => c,
@@ -311,14 +328,16 @@ impl IpvsProxier {
                 return self.report(kind, start, written, &plan, failure);
             }
         };
-        let desired: BTreeMap<ServiceKey, _> = match &scope {
-            None => plan.services.clone(),
-            Some(keys) => plan
-                .services
-                .iter()
-                .filter(|(k, _)| keys.contains(k))
-                .map(|(k, v)| (*k, v.clone()))
-                .collect(),
+        let scoped: BTreeMap<ServiceKey, DesiredService>;
+        let desired = match &scope {
+            None => &plan.services,
+            Some(keys) => {
+                scoped = keys
+                    .iter()
+                    .filter_map(|k| plan.services.get(k).map(|d| (*k, d.clone())))
+                    .collect();
+                &scoped
+            }
         };
         let cfg = &self.cfg;
         let ours = |s: &Service| {
@@ -331,7 +350,7 @@ impl IpvsProxier {
         };
         let now = Instant::now();
         let ops = diff(
-            &desired,
+            desired,
             &current,
             &ours,
             &DrainPolicy {
@@ -342,7 +361,7 @@ impl IpvsProxier {
         );
 
         // Addresses first, so a new virtual server is reachable at once.
-        let want_addrs = &plan.addresses;
+        let want_addrs = want_addrs.as_ref().unwrap_or(&plan.addresses);
         for ip in want_addrs.difference(&have_addrs) {
             match self.link.add_address(self.ifindex, host_net(*ip)) {
                 Ok(()) => written += 1,
@@ -407,11 +426,6 @@ impl IpvsProxier {
         }
 
         // The iptables part: rewritten only when it changed (or on full syncs).
-        let mut applied_ipt = self
-            .applied
-            .as_ref()
-            .map(|a| a.iptables.clone())
-            .unwrap_or_default();
         let mut ipt_counts = (0usize, 0usize);
         for (family, ipt) in &self.iptables {
             let rules = iptables_rules(state, &self.cfg, *family, &node_ips);
@@ -459,17 +473,16 @@ impl IpvsProxier {
         }
 
         self.needs_full = failure.is_some();
-        self.applied = Some(Applied {
-            by_port: plan.by_port.clone(),
-            addresses: plan.addresses.clone(),
-            iptables: applied_ipt,
-        });
         let mut report = self.report(kind, start, written, &plan, failure);
         report.rules_per_table = vec![
             ("nat".to_string(), ipt_counts.0),
             ("filter".to_string(), ipt_counts.1),
             ("ipvs".to_string(), plan.services.len()),
         ];
+        self.applied = Some(Applied {
+            plan,
+            iptables: applied_ipt,
+        });
         report
     }
 
