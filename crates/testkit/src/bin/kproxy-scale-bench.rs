@@ -468,6 +468,16 @@ fn bucket_quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Optio
         .map(|(le, _)| *le)
 }
 
+/// The share of the observations between two scrapes at most `le`.
+fn share_within(before: &[(f64, f64)], after: &[(f64, f64)], le: f64) -> Option<f64> {
+    let delta = |le: f64| {
+        let at = |h: &[(f64, f64)]| h.iter().find(|(b, _)| *b == le).map(|(_, c)| *c);
+        Some(at(after)? - at(before).unwrap_or(0.0))
+    };
+    let total = delta(f64::INFINITY)?;
+    (total > 0.0).then(|| delta(le).map(|c| c / total))?
+}
+
 fn metric_body(k: &KproxyProcess) -> String {
     k.get_metrics("/metrics")
         .map(|(_, b)| b)
@@ -576,8 +586,11 @@ fn run_one(args: &Args, backend: &str, n: usize, baseline_only: bool) -> Result<
         format!("--iptables-backend={backend}"),
     ];
     kargs.extend(args.kproxy_args.iter().cloned());
-    // Info logging, as in production; the test default is debug.
-    std::env::set_var("KPROXY_TEST_LOG", "info");
+    // Info logging, as in production (the test default is debug), unless
+    // asked for, e.g. KPROXY_TEST_LOG=info,kproxy=debug for each sync.
+    if std::env::var_os("KPROXY_TEST_LOG").is_none() {
+        std::env::set_var("KPROXY_TEST_LOG", "info");
+    }
     let t = Instant::now();
     let mut k = KproxyProcess::spawn(&args.kproxy, Some(&node), &kargs)?;
     k.wait_healthy(Duration::from_secs(1800))?;
@@ -706,6 +719,7 @@ fn run_one(args: &Args, backend: &str, n: usize, baseline_only: bool) -> Result<
                 "kubeproxy_network_programming_duration_seconds_count",
             );
             let syncs0 = sample(&body, "kubeproxy_sync_proxy_rules_duration_seconds_count");
+            let sync_s0 = sample(&body, "kubeproxy_sync_proxy_rules_duration_seconds_sum");
             let cpu0 = cpu_seconds(pid);
             let start = Instant::now();
             let total = rate as usize * args.churn_secs as usize;
@@ -741,13 +755,21 @@ fn run_one(args: &Args, backend: &str, n: usize, baseline_only: bool) -> Result<
             }
             let body = metric_body(&k);
             let h1 = buckets(&body, "kubeproxy_network_programming_duration_seconds");
+            let syncs = sample(&body, "kubeproxy_sync_proxy_rules_duration_seconds_count") - syncs0;
+            // Beside the table: how close the p99 bucket is to its bound.
+            eprintln!(
+                "   churn {rate}/s: {:.2}% programmed within 1 s, {syncs} syncs of {:.3} s mean",
+                share_within(&h0, &h1, 1.0).unwrap_or(f64::NAN) * 100.0,
+                (sample(&body, "kubeproxy_sync_proxy_rules_duration_seconds_sum") - sync_s0)
+                    / syncs
+            );
             row.churn.push(Churn {
                 rate,
                 sent,
                 p99_bucket: bucket_quantile(&h0, &h1, 0.99),
                 cpu: cpu_seconds(pid) - cpu0,
                 drain,
-                syncs: sample(&body, "kubeproxy_sync_proxy_rules_duration_seconds_count") - syncs0,
+                syncs,
             });
         }
     }
