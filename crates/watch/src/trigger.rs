@@ -42,9 +42,10 @@ pub enum MinSyncInterval {
     /// coalesce, under churn the loop syncs at most about half the time,
     /// and a change waits about window + sync instead of 1 s + sync.
     /// From the start, not the end: a sync's cost grows with its batch
-    /// (10k services, iptables-nft: ≈ 0.1 s + 0.25 ms per changed service),
-    /// and with 3 × sync between starts the batch at 1000 changes/s grew
-    /// until the 1 s ceiling; with 2 × it settles.
+    /// (10k services, iptables-nft: ≈ 0.1–0.2 s + 0.2–0.3 ms per changed
+    /// service), and with 3 × sync between starts the batch at 1000
+    /// changes/s grew until the 1 s ceiling; with 2 × it settles near 0.3 s
+    /// unless the machine is loaded (benches/README.md).
     Adaptive,
 }
 
