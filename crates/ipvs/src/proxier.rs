@@ -34,7 +34,7 @@ use crate::codec::{Destination, IpvsProtocol, Service, ServiceKey, Timeouts};
 use crate::diff::{diff, CurrentService, DrainPolicy, DrainState, Op};
 use crate::link::{host_net, LinkClient, LinkError};
 use crate::planner::{plan, DesiredService, IpvsConfig, Plan};
-use crate::rules::{iptables_rules, jump_rules};
+use crate::rules::{jump_rules, FamilyRules, IptablesPlan};
 use crate::sysctl::{
     apply_sysctls, ipvs_sysctls, parse_kernel_release, SysctlError, SysctlOptions,
 };
@@ -63,8 +63,10 @@ pub enum IpvsProxierError {
 #[derive(Debug)]
 struct Applied {
     plan: Plan,
+    /// The iptables part per family, by service port.
+    rules: BTreeMap<IpFamily, FamilyRules>,
     /// The iptables restore input last applied, per family.
-    iptables: BTreeMap<IpFamily, String>,
+    iptables: BTreeMap<IpFamily, IptablesPlan>,
 }
 
 /// State shared with the drain checker.
@@ -281,7 +283,7 @@ impl IpvsProxier {
 
         // The plan, what to look at in the kernel (None: everything), and
         // the kube-ipvs0 addresses to compare (None: all of the plan's).
-        let (plan, mut applied_ipt, scope, have_addrs, want_addrs) = match last {
+        let (plan, mut rules, mut applied_ipt, scope, have_addrs, want_addrs) = match last {
             None => {
                 let plan = plan(state, &self.cfg, &node_ips);
                 let have = match self.link.list_addresses(self.ifindex) {
@@ -291,9 +293,13 @@ impl IpvsProxier {
                         BTreeSet::new()
                     }
                 };
-                (plan, BTreeMap::new(), None, have, None)
+                (plan, BTreeMap::new(), BTreeMap::new(), None, have, None)
             }
-            Some(Applied { mut plan, iptables }) => {
+            Some(Applied {
+                mut plan,
+                rules,
+                iptables,
+            }) => {
                 // Only the changed ports' virtual servers (before and after)
                 // and addresses can differ from the last sync.
                 let port_keys = |plan: &Plan, keys: &mut BTreeSet<ServiceKey>| {
@@ -316,7 +322,7 @@ impl IpvsProxier {
                 port_keys(&plan, &mut keys);
                 let want = addrs_in(&plan, &keys);
                 keys.extend(guard.drain.keys().map(|(k, _)| *k));
-                (plan, iptables, Some(keys), have, Some(want))
+                (plan, rules, iptables, Some(keys), have, Some(want))
             }
         };
         let current = match self.read_current(scope.as_ref()) {
@@ -425,19 +431,48 @@ impl IpvsProxier {
             }
         }
 
-        // The iptables part: rewritten only when it changed (or on full syncs).
+        // The iptables part: rewritten only when it changed (or on full
+        // syncs). A partial sync regenerates only the changed ports' rules,
+        // and renders the text only if one of them changed.
         let mut ipt_counts = (0usize, 0usize);
         for (family, ipt) in &self.iptables {
-            let rules = iptables_rules(state, &self.cfg, *family, &node_ips);
-            ipt_counts.0 += rules.nat_rules;
-            ipt_counts.1 += rules.filter_rules;
-            if !full && applied_ipt.get(family) == Some(&rules.text) {
+            let changed = match rules.get_mut(family) {
+                Some(r) if !full => r.update(
+                    state,
+                    &self.cfg,
+                    &node_ips,
+                    changes
+                        .ports
+                        .iter()
+                        .filter(|(f, _)| f == family)
+                        .map(|(_, name)| name),
+                ),
+                _ => {
+                    let r = FamilyRules::new(state, &self.cfg, *family, &node_ips);
+                    rules.insert(*family, r);
+                    true
+                }
+            };
+            if !changed {
+                if let Some(last) = applied_ipt.get(family) {
+                    ipt_counts.0 += last.nat_rules;
+                    ipt_counts.1 += last.filter_rules;
+                    continue;
+                }
+            }
+            let Some(family_rules) = rules.get(family) else {
+                continue;
+            };
+            let rendered = family_rules.render(&self.cfg);
+            ipt_counts.0 += rendered.nat_rules;
+            ipt_counts.1 += rendered.filter_rules;
+            if !full && applied_ipt.get(family).map(|a| &a.text) == Some(&rendered.text) {
                 continue;
             }
-            match ipt.restore(&rules.text) {
+            match ipt.restore(&rendered.text) {
                 Ok(_) => {
-                    written += rules.nat_rules + rules.filter_rules;
-                    applied_ipt.insert(*family, rules.text);
+                    written += rendered.nat_rules + rendered.filter_rules;
+                    applied_ipt.insert(*family, rendered);
                 }
                 Err(e) => {
                     applied_ipt.remove(family);
@@ -481,6 +516,7 @@ impl IpvsProxier {
         ];
         self.applied = Some(Applied {
             plan,
+            rules,
             iptables: applied_ipt,
         });
         report

@@ -38,13 +38,13 @@
 //! a node between kube-proxy/kproxy and between modes rewrites them, and
 //! `kproxy --cleanup` of either mode removes them.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use kproxy_iptables::runner::{JumpRule, Position};
-use kproxy_model::{IpFamily, ProxyState, ServicePort};
+use kproxy_model::{IpFamily, ProxyState, ServicePort, ServicePortName};
 
 use crate::planner::{port_services, IpvsConfig, VsKind};
 
@@ -87,17 +87,206 @@ fn proto_match(sp: &ServicePort, port: u16) -> String {
     format!("-p {p} -m {p} --dport {port}")
 }
 
-struct Tables {
-    nat: Vec<(String, String)>,
-    filter: Vec<(String, String)>,
+/// One service port's rules (chain, rule) per table, and its local
+/// endpoints' IPs for the hairpin rules (one per IP, however many ports
+/// share it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortRules {
+    nat: Vec<(&'static str, String)>,
+    filter: Vec<(&'static str, String)>,
+    hairpin: Vec<IpAddr>,
 }
 
-impl Tables {
-    fn nat(&mut self, chain: &str, rule: String) {
-        self.nat.push((chain.to_string(), rule));
+impl PortRules {
+    fn is_empty(&self) -> bool {
+        self.nat.is_empty() && self.filter.is_empty() && self.hairpin.is_empty()
     }
-    fn filter(&mut self, chain: &str, rule: String) {
-        self.filter.push((chain.to_string(), rule));
+}
+
+/// What one service port adds to the iptables part.
+pub fn port_rules(cfg: &IpvsConfig, sp: &ServicePort, node_ips: &[IpAddr]) -> PortRules {
+    let cidr = cfg.cluster_cidr(sp.family);
+    let mut t = PortRules::default();
+    let name = sp.name.to_string();
+    t.hairpin
+        .extend(sp.endpoints.all.iter().filter(|e| e.is_local).map(|e| e.ip));
+    let mut nodeport_done = false;
+    for (kind, vs, dests) in port_services(cfg, sp, node_ips) {
+        let dst = format!("-d {} {}", host(&vs.addr), proto_match(sp, vs.port));
+        match kind {
+            VsKind::ClusterIp => {
+                if cfg.masquerade_all {
+                    t.nat.push((
+                        KUBE_SERVICES,
+                        format!(
+                            "-m comment --comment \"{name} cluster IP\" {dst} -j {KUBE_MARK_MASQ}"
+                        ),
+                    ));
+                } else if let Some(cidr) = cidr {
+                    t.nat.push((KUBE_SERVICES, format!("-m comment --comment \"{name} cluster IP\" ! -s {cidr} {dst} -j {KUBE_MARK_MASQ}")));
+                }
+            }
+            VsKind::NodePort => {
+                if !nodeport_done && (cfg.masquerade_all || !sp.external_policy_local) {
+                    t.nat.push((
+                        KUBE_NODEPORTS,
+                        format!(
+                            "-m comment --comment \"{name} node port\" {} -j {KUBE_MARK_MASQ}",
+                            proto_match(sp, vs.port)
+                        ),
+                    ));
+                }
+                nodeport_done = true;
+            }
+            VsKind::LoadBalancer | VsKind::ExternalIp => {
+                let what = if kind == VsKind::LoadBalancer {
+                    "loadbalancer IP"
+                } else {
+                    "external IP"
+                };
+                if cfg.masquerade_all || !sp.external_policy_local {
+                    t.nat.push((
+                        KUBE_SERVICES,
+                        format!("-m comment --comment \"{name} {what}\" {dst} -j {KUBE_MARK_MASQ}"),
+                    ));
+                }
+                if kind == VsKind::LoadBalancer && !sp.load_balancer_source_ranges.is_empty() {
+                    for range in &sp.load_balancer_source_ranges {
+                        t.filter.push((KUBE_PROXY_FIREWALL, format!("-m comment --comment \"{name} loadbalancer IP\" -s {range} {dst} -j RETURN")));
+                    }
+                    t.filter.push((KUBE_PROXY_FIREWALL, format!("-m comment --comment \"{name} traffic not accepted by KUBE-FW\" {dst} -j DROP")));
+                }
+            }
+        }
+        if dests.is_empty() {
+            let chain = if kind == VsKind::ClusterIp {
+                KUBE_SERVICES
+            } else {
+                KUBE_EXTERNAL_SERVICES
+            };
+            let rule = if sp.endpoints.has_any {
+                format!("-m comment --comment \"{name} has no local endpoints\" {dst} -j DROP")
+            } else {
+                format!("-m comment --comment \"{name} has no endpoints\" {dst} -j REJECT")
+            };
+            t.filter.push((chain, rule));
+        }
+    }
+    t
+}
+
+/// The iptables part of one family by service port. Kept between syncs,
+/// so a partial sync regenerates only the changed ports' rules and renders
+/// the whole text only when one of them changed (an endpoint change
+/// usually changes none: endpoints live in IPVS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FamilyRules {
+    family: IpFamily,
+    /// Only ports that add something; most add nothing without a cluster
+    /// CIDR or masquerade-all.
+    ports: BTreeMap<ServicePortName, PortRules>,
+}
+
+impl FamilyRules {
+    pub fn new(
+        state: &ProxyState,
+        cfg: &IpvsConfig,
+        family: IpFamily,
+        node_ips: &[IpAddr],
+    ) -> Self {
+        let ports = state
+            .family(family)
+            .iter()
+            .map(|(name, sp)| (name.clone(), port_rules(cfg, sp, node_ips)))
+            .filter(|(_, r)| !r.is_empty())
+            .collect();
+        FamilyRules { family, ports }
+    }
+
+    /// Regenerates the `changed` ports of this family (added, changed or
+    /// removed in `state`; every other port, `cfg` and `node_ips` as
+    /// before). Returns whether any of their rules changed: if not, the
+    /// rendered text is the same as before.
+    pub fn update<'a>(
+        &mut self,
+        state: &ProxyState,
+        cfg: &IpvsConfig,
+        node_ips: &[IpAddr],
+        changed: impl IntoIterator<Item = &'a ServicePortName>,
+    ) -> bool {
+        let mut any = false;
+        for name in changed {
+            let new = state
+                .family(self.family)
+                .get(name)
+                .map(|sp| port_rules(cfg, sp, node_ips))
+                .filter(|r| !r.is_empty());
+            let same = match &new {
+                Some(r) => self.ports.get(name) == Some(r),
+                None => !self.ports.contains_key(name),
+            };
+            if same {
+                continue;
+            }
+            any = true;
+            match new {
+                Some(r) => {
+                    self.ports.insert(name.clone(), r);
+                }
+                None => {
+                    self.ports.remove(name);
+                }
+            }
+        }
+        any
+    }
+
+    /// The restore input: every port's rules and the fixed ones.
+    pub fn render(&self, cfg: &IpvsConfig) -> IptablesPlan {
+        let mark = 1u32 << u32::from(cfg.masquerade_bit.min(31));
+        let mut nat: Vec<(&str, &str)> = Vec::with_capacity(self.ports.len() + 8);
+        let mut filter: Vec<(&str, &str)> = Vec::new();
+        let mut hairpin: BTreeSet<IpAddr> = BTreeSet::new();
+        for r in self.ports.values() {
+            nat.extend(r.nat.iter().map(|(c, r)| (*c, r.as_str())));
+            filter.extend(r.filter.iter().map(|(c, r)| (*c, r.as_str())));
+            hairpin.extend(r.hairpin.iter().copied());
+        }
+        let nodeports = format!("-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}");
+        let hairpin: Vec<String> = hairpin
+            .iter()
+            .map(|ip| {
+                format!(
+                    "-m comment --comment \"hairpin\" -s {h} -d {h} -j MASQUERADE",
+                    h = host(ip)
+                )
+            })
+            .collect();
+        let postrouting = [
+            format!("-m mark ! --mark {mark:#x}/{mark:#x} -j RETURN"),
+            format!("-j MARK --xor-mark {mark:#x}"),
+            "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE"
+                .to_string(),
+        ];
+        let mark_masq = format!("-j MARK --or-mark {mark:#x}");
+        let forward = [
+            format!("-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark:#x}/{mark:#x} -j ACCEPT"),
+            "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
+        ];
+        nat.push((KUBE_SERVICES, &nodeports));
+        nat.extend(hairpin.iter().map(|r| (KUBE_POSTROUTING, r.as_str())));
+        nat.extend(postrouting.iter().map(|r| (KUBE_POSTROUTING, r.as_str())));
+        nat.push((KUBE_MARK_MASQ, &mark_masq));
+        filter.extend(forward.iter().map(|r| (KUBE_FORWARD, r.as_str())));
+
+        let mut text = String::with_capacity(128 * (nat.len() + filter.len()) + 512);
+        write_table(&mut text, "filter", FILTER_CHAINS, &filter);
+        write_table(&mut text, "nat", NAT_CHAINS, &nat);
+        IptablesPlan {
+            text,
+            nat_rules: nat.len(),
+            filter_rules: filter.len(),
+        }
     }
 }
 
@@ -108,123 +297,10 @@ pub fn iptables_rules(
     family: IpFamily,
     node_ips: &[IpAddr],
 ) -> IptablesPlan {
-    let mark = 1u32 << u32::from(cfg.masquerade_bit.min(31));
-    let cidr = cfg.cluster_cidr(family);
-    let mut t = Tables {
-        nat: Vec::new(),
-        filter: Vec::new(),
-    };
-    let mut nodeport_masq = Vec::new();
-    let mut hairpin: BTreeSet<IpAddr> = BTreeSet::new();
-    for sp in state.family(family).values() {
-        let name = sp.name.to_string();
-        hairpin.extend(sp.endpoints.all.iter().filter(|e| e.is_local).map(|e| e.ip));
-        let mut nodeport_done = false;
-        for (kind, vs, dests) in port_services(cfg, sp, node_ips) {
-            let dst = format!("-d {} {}", host(&vs.addr), proto_match(sp, vs.port));
-            match kind {
-                VsKind::ClusterIp => {
-                    if cfg.masquerade_all {
-                        t.nat(KUBE_SERVICES, format!("-m comment --comment \"{name} cluster IP\" {dst} -j {KUBE_MARK_MASQ}"));
-                    } else if let Some(cidr) = cidr {
-                        t.nat(KUBE_SERVICES, format!("-m comment --comment \"{name} cluster IP\" ! -s {cidr} {dst} -j {KUBE_MARK_MASQ}"));
-                    }
-                }
-                VsKind::NodePort => {
-                    if !nodeport_done && (cfg.masquerade_all || !sp.external_policy_local) {
-                        nodeport_masq.push(format!(
-                            "-m comment --comment \"{name} node port\" {} -j {KUBE_MARK_MASQ}",
-                            proto_match(sp, vs.port)
-                        ));
-                    }
-                    nodeport_done = true;
-                }
-                VsKind::LoadBalancer | VsKind::ExternalIp => {
-                    let what = if kind == VsKind::LoadBalancer {
-                        "loadbalancer IP"
-                    } else {
-                        "external IP"
-                    };
-                    if cfg.masquerade_all || !sp.external_policy_local {
-                        t.nat(
-                            KUBE_SERVICES,
-                            format!(
-                                "-m comment --comment \"{name} {what}\" {dst} -j {KUBE_MARK_MASQ}"
-                            ),
-                        );
-                    }
-                    if kind == VsKind::LoadBalancer && !sp.load_balancer_source_ranges.is_empty() {
-                        for range in &sp.load_balancer_source_ranges {
-                            t.filter(KUBE_PROXY_FIREWALL, format!("-m comment --comment \"{name} loadbalancer IP\" -s {range} {dst} -j RETURN"));
-                        }
-                        t.filter(KUBE_PROXY_FIREWALL, format!("-m comment --comment \"{name} traffic not accepted by KUBE-FW\" {dst} -j DROP"));
-                    }
-                }
-            }
-            if dests.is_empty() {
-                let chain = if kind == VsKind::ClusterIp {
-                    KUBE_SERVICES
-                } else {
-                    KUBE_EXTERNAL_SERVICES
-                };
-                let rule = if sp.endpoints.has_any {
-                    format!("-m comment --comment \"{name} has no local endpoints\" {dst} -j DROP")
-                } else {
-                    format!("-m comment --comment \"{name} has no endpoints\" {dst} -j REJECT")
-                };
-                t.filter(chain, rule);
-            }
-        }
-    }
-    if !nodeport_masq.is_empty() {
-        for r in nodeport_masq {
-            t.nat(KUBE_NODEPORTS, r);
-        }
-    }
-    t.nat(
-        KUBE_SERVICES,
-        format!("-m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j {KUBE_NODEPORTS}"),
-    );
-    for ip in &hairpin {
-        t.nat(
-            KUBE_POSTROUTING,
-            format!(
-                "-m comment --comment \"hairpin\" -s {h} -d {h} -j MASQUERADE",
-                h = host(ip)
-            ),
-        );
-    }
-    t.nat(
-        KUBE_POSTROUTING,
-        format!("-m mark ! --mark {mark:#x}/{mark:#x} -j RETURN"),
-    );
-    t.nat(KUBE_POSTROUTING, format!("-j MARK --xor-mark {mark:#x}"));
-    t.nat(
-        KUBE_POSTROUTING,
-        "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE"
-            .to_string(),
-    );
-    t.nat(KUBE_MARK_MASQ, format!("-j MARK --or-mark {mark:#x}"));
-    t.filter(
-        KUBE_FORWARD,
-        format!("-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark:#x}/{mark:#x} -j ACCEPT"),
-    );
-    t.filter(
-        KUBE_FORWARD,
-        "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
-    );
-
-    let mut text = String::with_capacity(128 * (t.nat.len() + t.filter.len()) + 512);
-    write_table(&mut text, "filter", FILTER_CHAINS, &t.filter);
-    write_table(&mut text, "nat", NAT_CHAINS, &t.nat);
-    IptablesPlan {
-        text,
-        nat_rules: t.nat.len(),
-        filter_rules: t.filter.len(),
-    }
+    FamilyRules::new(state, cfg, family, node_ips).render(cfg)
 }
 
-fn write_table(out: &mut String, table: &str, chains: &[&str], rules: &[(String, String)]) {
+fn write_table(out: &mut String, table: &str, chains: &[&str], rules: &[(&str, &str)]) {
     let _ = writeln!(out, "*{table}");
     // Declaring a chain in a --noflush restore flushes it: a full rewrite.
     for c in chains {
@@ -323,7 +399,7 @@ pub fn jump_rules() -> Vec<JumpRule> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::tests::{ep, ip, port, state};
+    use crate::planner::tests::{ep, ip, port, state, worlds};
     use kproxy_model::Protocol;
 
     fn rules_of(text: &str, table: &str) -> Vec<String> {
@@ -492,6 +568,50 @@ mod tests {
         assert!(all
             .text
             .contains("-A KUBE-MARK-MASQ -j MARK --or-mark 0x10"));
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// After every step of random changes, the updated rules equal
+        /// fresh ones, and an update that reports no change leaves the
+        /// rendered text as it was (so skipping the restore is safe).
+        #[test]
+        fn updated_rules_equal_fresh_rules(
+            (first, steps) in worlds::history(),
+            extra in prop::collection::vec(any::<bool>(), worlds::SLOTS),
+            node_ips in worlds::node_ips(),
+            masquerade_all in any::<bool>(),
+        ) {
+            let cfg = IpvsConfig { masquerade_all, ..cfg() };
+            let mut world = first;
+            let mut prev = worlds::build_state(&world);
+            let mut rules: Vec<FamilyRules> = IpFamily::ALL
+                .iter()
+                .map(|f| FamilyRules::new(&prev, &cfg, *f, &node_ips))
+                .collect();
+            for step in steps {
+                for (slot, spec) in step {
+                    world[slot] = spec;
+                }
+                let next = worlds::build_state(&world);
+                let changed = worlds::changed(&prev, &next, &extra);
+                for (family, r) in IpFamily::ALL.iter().zip(&mut rules) {
+                    let before = r.render(&cfg);
+                    let names = changed.iter().filter(|(f, _)| f == family).map(|(_, n)| n);
+                    let any = r.update(&next, &cfg, &node_ips, names);
+                    prop_assert_eq!(&*r, &FamilyRules::new(&next, &cfg, *family, &node_ips));
+                    let after = r.render(&cfg);
+                    prop_assert_eq!(&after, &iptables_rules(&next, &cfg, *family, &node_ips));
+                    if !any {
+                        prop_assert_eq!(&before, &after);
+                    }
+                }
+                prev = next;
+            }
+        }
     }
 
     #[test]
