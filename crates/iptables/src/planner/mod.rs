@@ -729,22 +729,34 @@ impl Planner {
             }
         }
         out.push_str("COMMIT\n*nat\n");
-        for d in Dispatch::ALL.iter().filter(|d| d.is_nat()) {
-            declare(&mut out, d.chain(), &mut counts);
-        }
-        for (_, c, _) in fixed.iter().filter(|(t, _, _)| *t == Table::Nat) {
-            declare(&mut out, c, &mut counts);
-        }
-        for rec in records.values() {
-            for (name, _) in &rec.chains {
-                out.push(':');
-                out.push_str(name);
-                out.push_str(" - [0:0]\n");
-                counts.chains_written += 1;
-            }
-        }
-        for name in &stale {
-            let _ = writeln!(out, ":{name} - [0:0]");
+        // Declared in byte order: iptables-nft-restore (1.8.9) keeps a
+        // table's chains sorted by name and finds each new one's place
+        // walking back from the last, so declarations in any other order
+        // cost O(chains²) — at 10k services 7 s instead of 3.4 s for the
+        // whole restore (benches/README.md).
+        let mut nat_chains: Vec<&str> = Dispatch::ALL
+            .iter()
+            .filter(|d| d.is_nat())
+            .map(|d| d.chain())
+            .chain(
+                fixed
+                    .iter()
+                    .filter(|(t, _, _)| *t == Table::Nat)
+                    .map(|(_, c, _)| *c),
+            )
+            .chain(
+                records
+                    .values()
+                    .flat_map(|rec| rec.chains.iter().map(|(name, _)| name.as_str())),
+            )
+            .collect();
+        counts.chains_written += nat_chains.len();
+        nat_chains.extend(stale.iter().copied());
+        nat_chains.sort_unstable();
+        for name in nat_chains {
+            out.push(':');
+            out.push_str(name);
+            out.push_str(" - [0:0]\n");
         }
         for (_, c, rules) in fixed.iter().filter(|(t, _, _)| *t == Table::Nat) {
             for r in rules {
