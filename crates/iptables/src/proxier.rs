@@ -299,7 +299,7 @@ impl FamilyProxier {
         };
         let desired = applied.rules_by_chain();
         let unchanged = unchanged_chains(&desired, kernel);
-        let (text, rules, chains) = drop_chains(&plan.text, &unchanged);
+        let (text, rules, chains) = drop_chains(std::mem::take(&mut plan.text), &unchanged);
         plan.text = text;
         plan.counts.rules_written = plan.counts.rules_written.saturating_sub(rules);
         plan.counts.chains_written = plan.counts.chains_written.saturating_sub(chains);
@@ -426,10 +426,11 @@ type KernelRules = BTreeMap<(Table, String), Vec<String>>;
 
 /// `text` (a full plan) without the declarations and rules of the chains in
 /// `skip`, and without tables left empty; with the number of rules and
-/// chains left out. `-X` lines (stale chains) always stay.
-fn drop_chains(text: &str, skip: &BTreeSet<(Table, String)>) -> (String, usize, usize) {
+/// chains left out. `-X` lines (stale chains) always stay. Takes the text
+/// so that nothing to skip (a first sync into empty tables) costs no copy.
+fn drop_chains(text: String, skip: &BTreeSet<(Table, String)>) -> (String, usize, usize) {
     if skip.is_empty() {
-        return (text.to_string(), 0, 0);
+        return (text, 0, 0);
     }
     let skipped = |table: Table| -> HashSet<&str> {
         skip.iter()
