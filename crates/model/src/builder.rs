@@ -13,7 +13,7 @@
 //! contested part, with a rejection, and gets it back when the older one
 //! goes away or lets go of it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -71,6 +71,49 @@ struct SliceEntry {
     rejection: Option<Rejection>,
 }
 
+/// A service's slices by name, sorted. A Vec, not a BTreeMap: most
+/// services have one slice, and a BTreeMap's leaf node has room for eleven
+/// entries (≈ 1.8 kB per service at 10k services).
+#[derive(Debug, Default)]
+struct SliceEntries(Vec<(String, SliceEntry)>);
+
+impl SliceEntries {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(n, _)| n.as_str().cmp(name))
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    fn remove(&mut self, name: &str) -> Option<SliceEntry> {
+        self.find(name).ok().map(|at| self.0.remove(at).1)
+    }
+
+    fn insert(&mut self, name: String, entry: SliceEntry) {
+        match self.find(&name) {
+            Ok(at) => self.0[at].1 = entry,
+            Err(at) => {
+                // `insert` alone would reserve room for four.
+                self.0.reserve_exact(1);
+                self.0.insert(at, (name, entry));
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &SliceEntry> {
+        self.0.iter().map(|(_, e)| e)
+    }
+
+    fn into_values(self) -> impl Iterator<Item = SliceEntry> {
+        self.0.into_iter().map(|(_, e)| e)
+    }
+}
+
 #[derive(Debug, Default)]
 struct ServiceEntry {
     version: Option<Version>,
@@ -78,12 +121,16 @@ struct ServiceEntry {
     valid: Option<Arc<[ServicePort]>>,
     /// The creationTimestamp of that version: decides conflicts.
     created: Option<jiff::Timestamp>,
-    /// What the valid ports claim, as registered in the conflict index.
-    claims: BTreeSet<(Claim, Claimant)>,
+    /// What the valid ports claim, as registered in the conflict index;
+    /// sorted, without duplicates. A boxed slice, not a BTreeSet: most
+    /// services claim one key, and a BTreeSet's leaf node has room for
+    /// eleven (≈ 1.5 kB per service at 10k services).
+    claims: Box<[(Claim, Claimant)]>,
     /// The parts lost to older services, if any.
     conflict: Option<Rejection>,
     rejection: Option<Rejection>,
-    slices: BTreeMap<String, SliceEntry>,
+    /// By slice name, sorted (see [`SliceEntries`]).
+    slices: SliceEntries,
     /// Keys this service has in the state.
     ports: Vec<(IpFamily, ServicePortName)>,
 }
@@ -230,7 +277,10 @@ impl StateBuilder {
 
         // Its slices: exactly the ones given now, each either freshly parsed,
         // reused (same version), or kept at its last valid version.
-        let mut old_slices = std::mem::take(&mut entry.slices);
+        let mut old_slices = std::mem::replace(
+            &mut entry.slices,
+            SliceEntries(Vec::with_capacity(slices.len())),
+        );
         for slice in slices {
             let name = slice.metadata.name.clone().unwrap_or_default();
             if entry.slices.contains_key(&name) {
@@ -302,10 +352,13 @@ impl StateBuilder {
             }
         }
         let mut others = BTreeSet::new();
-        if claims == entry.claims {
+        if claims.iter().eq(entry.claims.iter()) {
             return others;
         }
-        let old = std::mem::take(&mut entry.claims);
+        let old: BTreeSet<(Claim, Claimant)> = std::mem::take(&mut entry.claims)
+            .into_vec()
+            .into_iter()
+            .collect();
         for gone in old.difference(&claims) {
             self.conflicts.remove(&gone.0, &gone.1);
         }
@@ -321,7 +374,7 @@ impl StateBuilder {
                     .cloned(),
             );
         }
-        entry.claims = claims;
+        entry.claims = claims.into_iter().collect();
         others
     }
 
