@@ -619,11 +619,17 @@ impl Iptables {
     /// `-S` of a built-in chain ~3 ms); a rule not found there is checked
     /// with `-C` (the kernel's own comparison, in case our spelling differs
     /// from iptables') and inserted with `-I` or `-A` only when that also
-    /// says it is missing. Returns how many rules were added. The jump
-    /// targets must exist (create them with [`Iptables::restore`] first).
+    /// says it is missing; a missing jump target is created (empty) first,
+    /// so the jumps can go in before the rules they lead to. Returns how
+    /// many rules were added.
     pub fn ensure_jump_rules(&self, rules: &[JumpRule]) -> Result<usize, IptablesError> {
         let mut added = 0;
         for rule in self.jump_rules_not_listed(rules)? {
+            // Before `-C`, which fails outright on a missing target.
+            let target = rule.rulespec.iter().skip_while(|a| *a != "-j").nth(1);
+            if let Some(target) = target {
+                self.ensure_chain(&rule.table, target)?;
+            }
             let mut check = vec!["-C".to_string(), rule.chain.clone()];
             check.extend(rule.rulespec.iter().cloned());
             if self.check(&rule.table, &check)? {

@@ -229,17 +229,23 @@ fn ensure_jump_rules_is_idempotent() {
             let filter = parse_save(&ns.run_in(|| ipt.save("filter")).unwrap().unwrap());
             assert_eq!(filter.chains["FORWARD"], vec!["-j KUBE-FORWARD"]);
 
-            // A jump to a missing chain is an error, not a silent no-op.
+            // A jump to a missing chain creates it (empty) first, so jumps
+            // can go in before the restore that fills their targets.
             let missing = [JumpRule {
                 table: "nat".into(),
                 chain: "OUTPUT".into(),
                 position: Position::Prepend,
                 rulespec: vec!["-j".into(), "KUBE-MISSING".into()],
             }];
-            assert!(ns
-                .run_in(|| ipt.ensure_jump_rules(&missing))
-                .unwrap()
-                .is_err());
+            assert_eq!(
+                ns.run_in(|| ipt.ensure_jump_rules(&missing))
+                    .unwrap()
+                    .unwrap(),
+                1
+            );
+            let nat = parse_save(&ns.run_in(|| ipt.save("nat")).unwrap().unwrap());
+            assert_eq!(nat.chains["OUTPUT"], vec!["-j KUBE-MISSING"]);
+            assert!(nat.chains["KUBE-MISSING"].is_empty());
 
             assert!(!ns
                 .run_in(|| ipt.ensure_chain("nat", "KUBE-SERVICES"))
