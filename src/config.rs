@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+/// The least time between two syncs: adaptive unless the operator set one.
+pub use kproxy_watch::MinSyncInterval;
 
 pub use error::ConfigError;
 
@@ -139,21 +141,10 @@ pub enum NodePortAddress {
     Primary,
 }
 
-/// The least time between two syncs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MinSyncPeriod {
-    /// Not set by the operator: a coalescing window adapted to the last
-    /// sync's duration, 250ms–1s (see `kproxy_watch::MinSyncInterval`).
-    Adaptive,
-    /// Set by flag or config file: upstream's fixed period between sync
-    /// starts; zero means "sync on every change".
-    Fixed(Duration),
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IptablesSettings {
     pub sync_period: Duration,
-    pub min_sync_period: MinSyncPeriod,
+    pub min_sync_period: MinSyncInterval,
     /// 0..=31; the mark is `1 << masquerade_bit`.
     pub masquerade_bit: u8,
     pub masquerade_all: bool,
@@ -243,14 +234,14 @@ impl fmt::Display for IpvsScheduler {
 
 impl Settings {
     /// Sync periods of the selected mode: (sync, min sync).
-    pub fn sync_periods(&self) -> (Duration, MinSyncPeriod) {
+    pub fn sync_periods(&self) -> (Duration, MinSyncInterval) {
         match self.mode {
             ProxyMode::Iptables => (self.iptables.sync_period, self.iptables.min_sync_period),
             // IPVS keeps upstream's default of 0 (sync on every change):
             // nothing to shorten there.
             ProxyMode::Ipvs => (
                 self.ipvs.sync_period,
-                MinSyncPeriod::Fixed(self.ipvs.min_sync_period),
+                MinSyncInterval::Fixed(self.ipvs.min_sync_period),
             ),
         }
     }

@@ -11,15 +11,13 @@ use kproxy_metrics::{
     node_eligible, DebugState, HealthState, Metrics, ServiceHealthServers, ServiceHealthTarget,
 };
 use kproxy_model::{Proxier, ProxyState, StateBuilder, SyncKind, SyncReport};
-use kproxy_watch::{
-    MinSyncInterval, Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver,
-};
+use kproxy_watch::{Pending, TriggerReason, WatchConfig, WatchHandle, WatchObserver};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::backend;
-use crate::config::{MinSyncPeriod, Settings};
+use crate::config::Settings;
 
 /// Runs kproxy until SIGTERM or SIGINT. Rules are left in place on exit:
 /// traffic keeps flowing while kproxy restarts.
@@ -41,11 +39,7 @@ async fn run_async(settings: Settings) -> Result<()> {
         warn!("{warning}");
     }
     let (sync_period, min_sync_period) = settings.sync_periods();
-    let min_sync_interval = match min_sync_period {
-        MinSyncPeriod::Adaptive => MinSyncInterval::Adaptive,
-        MinSyncPeriod::Fixed(d) => MinSyncInterval::Fixed(d),
-    };
-    info!("min sync period: {min_sync_interval}");
+    info!("min sync period: {min_sync_period}");
 
     // Everything that can fail on bad configuration fails before anything
     // is started, each with an error naming its cause; the backend, which
@@ -94,7 +88,7 @@ async fn run_async(settings: Settings) -> Result<()> {
         client,
         WatchConfig {
             node_name: settings.node_name.clone(),
-            min_sync_interval,
+            min_sync_interval: min_sync_period,
             sync_period,
         },
         observer,

@@ -15,7 +15,7 @@ use super::duration::{format_go_duration, parse_go_duration};
 use super::file::{GoDuration, KubeProxyConfiguration};
 use super::{
     ConfigError, ConntrackSettings, DetectLocalMode, IptablesBackend, IptablesSettings,
-    IpvsScheduler, IpvsSettings, LocalDetection, LogFormat, MinSyncPeriod, NodePortAddress,
+    IpvsScheduler, IpvsSettings, LocalDetection, LogFormat, MinSyncInterval, NodePortAddress,
     ProxyMode, Settings,
 };
 use crate::cli::Cli;
@@ -600,8 +600,8 @@ pub(crate) fn resolve(
     // whose ceiling that default is.
     let (sync_period, min_value) = sync_pair(&ctx, sync, min)?;
     let min_sync_period = match min.1 {
-        Origin::Default => MinSyncPeriod::Adaptive,
-        Origin::Flag(_) | Origin::File(_) => MinSyncPeriod::Fixed(min_value),
+        Origin::Default => MinSyncInterval::Adaptive,
+        Origin::Flag(_) | Origin::File(_) => MinSyncInterval::Fixed(min_value),
     };
     let masquerade_bit = match parse_flag(
         &cli.iptables_masquerade_bit,

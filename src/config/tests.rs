@@ -113,7 +113,7 @@ fn defaults() -> Settings {
         nodeport_addresses: vec![],
         iptables: IptablesSettings {
             sync_period: secs(30),
-            min_sync_period: MinSyncPeriod::Adaptive,
+            min_sync_period: MinSyncInterval::Adaptive,
             masquerade_bit: 14,
             masquerade_all: false,
             localhost_nodeports: true,
@@ -210,7 +210,7 @@ fn every_flag() {
         ],
         iptables: IptablesSettings {
             sync_period: secs(60),
-            min_sync_period: MinSyncPeriod::Fixed(Duration::ZERO),
+            min_sync_period: MinSyncInterval::Fixed(Duration::ZERO),
             masquerade_bit: 15,
             masquerade_all: true,
             localhost_nodeports: false,
@@ -411,7 +411,7 @@ fn full_config_file() {
         ],
         iptables: IptablesSettings {
             sync_period: secs(90),
-            min_sync_period: MinSyncPeriod::Fixed(Duration::from_millis(500)),
+            min_sync_period: MinSyncInterval::Fixed(Duration::from_millis(500)),
             masquerade_bit: 13,
             masquerade_all: true,
             localhost_nodeports: false,
@@ -462,7 +462,7 @@ fn flag_beats_file_beats_default() {
     );
     assert_eq!(s.cluster_cidrs, vec![net("10.1.0.0/16")]);
     // Untouched by file and flags: defaults.
-    assert_eq!(s.iptables.min_sync_period, MinSyncPeriod::Adaptive);
+    assert_eq!(s.iptables.min_sync_period, MinSyncInterval::Adaptive);
     assert_eq!(s.conntrack.max_per_core, 32768);
 
     let s = settings(&[
@@ -494,12 +494,12 @@ fn file_zero_durations_mean_default_but_flag_zero_is_literal() {
     assert_eq!(
         (s.iptables.sync_period, s.iptables.min_sync_period),
         // A zero in the file is upstream's "unset": the default, adaptive.
-        (secs(30), MinSyncPeriod::Adaptive)
+        (secs(30), MinSyncInterval::Adaptive)
     );
     let s = settings(&["--iptables-min-sync-period=0s"]);
     assert_eq!(
         s.iptables.min_sync_period,
-        MinSyncPeriod::Fixed(Duration::ZERO)
+        MinSyncInterval::Fixed(Duration::ZERO)
     );
     assert_eq!(
         error(&["--iptables-sync-period=0"]),
@@ -511,30 +511,36 @@ fn file_zero_durations_mean_default_but_flag_zero_is_literal() {
 fn min_sync_period_unset_is_adaptive_set_is_fixed() {
     // Unset anywhere: adaptive, in iptables mode.
     let s = settings(&[]);
-    assert_eq!(s.iptables.min_sync_period, MinSyncPeriod::Adaptive);
-    assert_eq!(s.sync_periods(), (secs(30), MinSyncPeriod::Adaptive));
+    assert_eq!(s.iptables.min_sync_period, MinSyncInterval::Adaptive);
+    assert_eq!(s.sync_periods(), (secs(30), MinSyncInterval::Adaptive));
     // Set to the old default, by flag or file: fixed, as upstream.
     let s = settings(&["--iptables-min-sync-period=1s"]);
-    assert_eq!(s.iptables.min_sync_period, MinSyncPeriod::Fixed(secs(1)));
-    assert_eq!(s.sync_periods(), (secs(30), MinSyncPeriod::Fixed(secs(1))));
+    assert_eq!(s.iptables.min_sync_period, MinSyncInterval::Fixed(secs(1)));
+    assert_eq!(
+        s.sync_periods(),
+        (secs(30), MinSyncInterval::Fixed(secs(1)))
+    );
     let f = config_file("iptables:\n  minSyncPeriod: 1s\n");
     let s = settings(&[&path_arg(&f)]);
-    assert_eq!(s.iptables.min_sync_period, MinSyncPeriod::Fixed(secs(1)));
+    assert_eq!(s.iptables.min_sync_period, MinSyncInterval::Fixed(secs(1)));
     // The flag beats the file's value.
     let f = config_file("iptables:\n  minSyncPeriod: 2s\n");
     let s = settings(&[&path_arg(&f), "--iptables-min-sync-period=300ms"]);
     assert_eq!(
         s.iptables.min_sync_period,
-        MinSyncPeriod::Fixed(Duration::from_millis(300))
+        MinSyncInterval::Fixed(Duration::from_millis(300))
     );
     // IPVS: unset keeps upstream's 0 (every change), set is fixed.
     let s = settings(&["--proxy-mode=ipvs"]);
     assert_eq!(
         s.sync_periods(),
-        (secs(30), MinSyncPeriod::Fixed(Duration::ZERO))
+        (secs(30), MinSyncInterval::Fixed(Duration::ZERO))
     );
     let s = settings(&["--proxy-mode=ipvs", "--ipvs-min-sync-period=1s"]);
-    assert_eq!(s.sync_periods(), (secs(30), MinSyncPeriod::Fixed(secs(1))));
+    assert_eq!(
+        s.sync_periods(),
+        (secs(30), MinSyncInterval::Fixed(secs(1)))
+    );
 }
 
 #[test]
