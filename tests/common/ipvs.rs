@@ -61,14 +61,7 @@ impl Cluster {
     pub fn start_kproxy_ipvs(&self, extra: &[&str]) -> KproxyProcess<'_> {
         let mut args = ipvs_args(self.kubeconfig.path());
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut k = KproxyProcess::spawn(
-            Path::new(env!("CARGO_BIN_EXE_kproxy")),
-            Some(&self.topo.node),
-            &args,
-        )
-        .expect("spawn kproxy");
-        k.wait_healthy(WAIT).expect("kproxy healthy");
-        k
+        self.spawn_kproxy(&args)
     }
 }
 

@@ -78,10 +78,16 @@ impl Cluster {
             "--iptables-min-sync-period=0s".to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        self.spawn_kproxy(&args)
+    }
+
+    /// Starts kproxy with exactly `args` in the node namespace and waits
+    /// until it has synced once.
+    pub fn spawn_kproxy(&self, args: &[String]) -> KproxyProcess<'_> {
         let mut k = KproxyProcess::spawn(
             Path::new(env!("CARGO_BIN_EXE_kproxy")),
             Some(&self.topo.node),
-            &args,
+            args,
         )
         .expect("spawn kproxy");
         k.wait_healthy(WAIT).expect("kproxy healthy");
