@@ -19,11 +19,10 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::conflicts::{self, Claim, Claimant};
-use crate::convert;
 use crate::endpoints::{self, ParsedSlice};
+use crate::objects::{ServiceObject, SliceObject};
 use crate::types::{
     IpFamily, NodeInfo, ObjectKind, ProxyState, Rejection, ServiceKey, ServicePort, ServicePortName,
 };
@@ -44,28 +43,8 @@ pub struct ServiceUpdate {
     pub new_rejections: Vec<Rejection>,
 }
 
-/// Identifies one version of an API object: equal versions have equal
-/// content, so parsing can be skipped.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Version {
-    uid: String,
-    resource_version: String,
-}
-
-impl Version {
-    /// `None` when the object lacks a uid or resourceVersion (test objects):
-    /// then it is always parsed again.
-    fn of(meta: &ObjectMeta) -> Option<Version> {
-        Some(Version {
-            uid: meta.uid.clone()?,
-            resource_version: meta.resource_version.clone()?,
-        })
-    }
-}
-
 #[derive(Debug, Default)]
 struct SliceEntry {
-    version: Option<Version>,
     /// The last valid version, kept while the current one is invalid.
     valid: Option<Arc<ParsedSlice>>,
     rejection: Option<Rejection>,
@@ -116,7 +95,6 @@ impl SliceEntries {
 
 #[derive(Debug, Default)]
 struct ServiceEntry {
-    version: Option<Version>,
     /// Ports (no endpoints yet) of the last valid version of the Service.
     valid: Option<Arc<[ServicePort]>>,
     /// The creationTimestamp of that version: decides conflicts.
@@ -236,83 +214,89 @@ impl StateBuilder {
         service: Option<&Service>,
         slices: &[&EndpointSlice],
     ) -> ServiceUpdate {
+        let service = service.map(|svc| ServiceObject::parse(key, svc));
+        let slices: Vec<SliceObject> = slices
+            .iter()
+            .map(|slice| SliceObject::parse(&key.namespace, slice, &self.state.node.name))
+            .collect();
+        let slices: Vec<&SliceObject> = slices.iter().collect();
+        self.update_service_objects(key, service.as_ref(), &slices)
+    }
+
+    /// [`StateBuilder::update_service`] for objects parsed already (by the
+    /// watch cache, for this builder's node). The builder keeps their
+    /// parsed parts by `Arc`, not copies.
+    pub fn update_service_objects(
+        &mut self,
+        key: &ServiceKey,
+        service: Option<&ServiceObject>,
+        slices: &[&SliceObject],
+    ) -> ServiceUpdate {
         let mut update = ServiceUpdate::default();
         let mut entry = self.services.remove(key).unwrap_or_default();
         let rejections = &mut self.state.rejections;
 
         // The Service.
-        match service {
+        let rejection = match service {
             None => {
-                entry.version = None;
                 entry.valid = None;
                 entry.created = None;
-                replace_rejection(rejections, entry.rejection.as_ref(), None);
-                entry.rejection = None;
+                None
             }
-            Some(svc) => {
-                let version = Version::of(&svc.metadata);
-                if version.is_none() || version != entry.version {
-                    entry.version = version;
-                    let rejection = match convert::service_ports(key, svc) {
-                        Ok(ports) => {
-                            entry.valid = Some(ports.into());
-                            entry.created = svc.metadata.creation_timestamp.as_ref().map(|t| t.0);
-                            None
-                        }
-                        Err(errs) => Some(Rejection {
-                            kind: ObjectKind::Service,
-                            namespace: validate::display_name(&key.namespace),
-                            name: validate::display_name(&key.name),
-                            reason: validate::reason(&errs),
-                        }),
-                    };
-                    if rejection != entry.rejection {
-                        replace_rejection(rejections, entry.rejection.as_ref(), rejection.as_ref());
-                        update.new_rejections.extend(rejection.clone());
-                        entry.rejection = rejection;
-                    }
+            Some(svc) => match &svc.ports {
+                Ok(ports) => {
+                    entry.valid = Some(ports.clone());
+                    entry.created = svc.created;
+                    None
                 }
+                // The last valid version stays in use.
+                Err(reason) => Some(Rejection {
+                    kind: ObjectKind::Service,
+                    namespace: validate::display_name(&key.namespace),
+                    name: validate::display_name(&key.name),
+                    reason: reason.clone(),
+                }),
+            },
+        };
+        if rejection != entry.rejection {
+            replace_rejection(rejections, entry.rejection.as_ref(), rejection.as_ref());
+            // A deletion clears its rejection silently.
+            if service.is_some() {
+                update.new_rejections.extend(rejection.clone());
             }
+            entry.rejection = rejection;
         }
 
-        // Its slices: exactly the ones given now, each either freshly parsed,
-        // reused (same version), or kept at its last valid version.
+        // Its slices: exactly the ones given now, each either valid or kept
+        // at its last valid version.
         let mut old_slices = std::mem::replace(
             &mut entry.slices,
             SliceEntries(Vec::with_capacity(slices.len())),
         );
         for slice in slices {
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            if entry.slices.contains_key(&name) {
-                tracing::debug!(service = %key, slice = %name, "ignoring a second slice of the same name");
+            if entry.slices.contains_key(&slice.name) {
+                tracing::debug!(service = %key, slice = %slice.name, "ignoring a second slice of the same name");
                 continue;
             }
-            let mut se = old_slices.remove(&name).unwrap_or_default();
-            let version = Version::of(&slice.metadata);
-            if version.is_none() || version != se.version {
-                se.version = version;
-                let rejection =
-                    match endpoints::parse_slice(&key.namespace, slice, &self.state.node.name) {
-                        Ok(parsed) => {
-                            se.valid = Some(Arc::new(parsed));
-                            None
-                        }
-                        Err(errs) => Some(Rejection {
-                            kind: ObjectKind::EndpointSlice,
-                            namespace: validate::display_name(
-                                slice.metadata.namespace.as_deref().unwrap_or_default(),
-                            ),
-                            name: validate::display_name(&name),
-                            reason: validate::reason(&errs),
-                        }),
-                    };
-                if rejection != se.rejection {
-                    replace_rejection(rejections, se.rejection.as_ref(), rejection.as_ref());
-                    update.new_rejections.extend(rejection.clone());
-                    se.rejection = rejection;
+            let mut se = old_slices.remove(&slice.name).unwrap_or_default();
+            let rejection = match &slice.parsed {
+                Ok(parsed) => {
+                    se.valid = Some(parsed.clone());
+                    None
                 }
+                Err(reason) => Some(Rejection {
+                    kind: ObjectKind::EndpointSlice,
+                    namespace: validate::display_name(&slice.namespace),
+                    name: validate::display_name(&slice.name),
+                    reason: reason.clone(),
+                }),
+            };
+            if rejection != se.rejection {
+                replace_rejection(rejections, se.rejection.as_ref(), rejection.as_ref());
+                update.new_rejections.extend(rejection.clone());
+                se.rejection = rejection;
             }
-            entry.slices.insert(name, se);
+            entry.slices.insert(slice.name.clone(), se);
         }
         // Slices that are gone: forget them and their rejections.
         for se in old_slices.into_values() {

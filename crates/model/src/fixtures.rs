@@ -173,8 +173,7 @@ impl SvcBuilder {
         self
     }
 
-    /// Sets uid and resourceVersion (the builder then skips reparsing an
-    /// unchanged version).
+    /// Sets uid and resourceVersion.
     pub fn version(mut self, uid: &str, rv: &str) -> Self {
         self.0.metadata.uid = Some(uid.into());
         self.0.metadata.resource_version = Some(rv.into());

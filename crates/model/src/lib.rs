@@ -9,6 +9,7 @@ pub mod compat;
 mod conflicts;
 pub mod convert;
 pub mod endpoints;
+pub mod objects;
 pub mod proxier;
 pub mod types;
 pub mod validate;
@@ -17,5 +18,6 @@ pub mod validate;
 pub mod fixtures;
 
 pub use builder::{ServiceUpdate, StateBuilder};
+pub use objects::{ServiceObject, SliceObject};
 pub use proxier::{Proxier, SyncFailure, SyncKind, SyncReport};
 pub use types::*;

@@ -423,7 +423,7 @@ fn changed_ports_only_lists_real_changes() {
 }
 
 #[test]
-fn unchanged_resource_version_is_not_reparsed_but_still_reselected() {
+fn the_same_objects_again_are_reselected_after_a_zone_change() {
     let mut b = StateBuilder::new(NODE);
     let svc = simple_service("ns", "a", "10.0.0.1", 80);
     let svc = SvcBuilder::new("ns", "a")

@@ -6,11 +6,17 @@
 //! must tell us *which* services differ between the old and the new
 //! contents; a reflector store only offers the objects themselves.
 //!
+//! Services and slices are kept parsed ([`ServiceObject`], [`SliceObject`]),
+//! not as API objects: at 10k services the objects cost ≈ 100 MB, the
+//! parsed form a fraction, shared with the model by `Arc`. Comparing them
+//! compares what kproxy programs, so an update that only touches fields
+//! kproxy ignores is not a change.
+//!
 //! Relists follow the reflector's semantics: `Init` starts a fresh buffer,
 //! `InitApply` fills it, `InitDone` swaps it in. Until the swap the old
 //! contents stay live, so a sync during a relist never sees half a list.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::Hash;
 use std::mem;
 use std::sync::Arc;
@@ -18,7 +24,7 @@ use std::time::{Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kproxy_model::ServiceKey;
+use kproxy_model::{ServiceKey, ServiceObject, SliceObject};
 use kube::runtime::watcher::Event;
 use kube::ResourceExt;
 
@@ -46,7 +52,7 @@ impl Now {
     }
 }
 
-/// Drops what we never read and what costs the most memory.
+/// Drops from the Node what we never read and what costs the most memory.
 pub(crate) fn strip<K: ResourceExt>(obj: &mut K) {
     let meta = obj.meta_mut();
     meta.managed_fields = None;
@@ -153,37 +159,92 @@ fn slice_trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
     parse_trigger_time(slice.annotations().get(LAST_CHANGE_TRIGGER_TIME)?)
 }
 
+/// One EndpointSlice as the cache keeps it.
+#[derive(Clone, Debug)]
+struct CachedSlice {
+    object: Arc<SliceObject>,
+    /// Its `endpoints.kubernetes.io/last-change-trigger-time`.
+    trigger: Option<SystemTime>,
+}
+
+impl CachedSlice {
+    fn parse(owner: &ServiceKey, slice: &EndpointSlice, node_name: &str) -> Self {
+        CachedSlice {
+            object: Arc::new(SliceObject::parse(&owner.namespace, slice, node_name)),
+            trigger: slice_trigger_time(slice),
+        }
+    }
+}
+
+/// Only what kproxy programs counts: a new trigger time on the same
+/// endpoints is not a change.
+impl PartialEq for CachedSlice {
+    fn eq(&self, other: &Self) -> bool {
+        self.object == other.object
+    }
+}
+
+/// The slices of one service, sorted by name. A Vec, not a BTreeMap: most
+/// services have one slice, and a BTreeMap's leaf node has room for eleven.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct SliceGroup(Vec<CachedSlice>);
+
+impl SliceGroup {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|s| s.object.name().cmp(name))
+    }
+
+    fn get(&self, name: &str) -> Option<&CachedSlice> {
+        self.find(name).ok().map(|at| &self.0[at])
+    }
+
+    fn insert(&mut self, slice: CachedSlice) {
+        match self.find(slice.object.name()) {
+            Ok(at) => self.0[at] = slice,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, slice);
+            }
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Ok(at) = self.find(name) {
+            self.0.remove(at);
+        }
+    }
+}
+
 /// EndpointSlices grouped by service, with a reverse index so that a slice
 /// whose service label changes is removed from its old group.
 #[derive(Debug, Default)]
 struct SliceIndex {
-    by_service: HashMap<ServiceKey, BTreeMap<String, Arc<EndpointSlice>>>,
+    by_service: HashMap<ServiceKey, SliceGroup>,
     owner: HashMap<ObjectId, ServiceKey>,
 }
 
 impl SliceIndex {
-    /// Inserts or replaces a slice (`owner: None` removes it: the label
-    /// went away). Returns the services whose set of slices changed.
+    /// Inserts or replaces a slice with its service (`None` removes it: the
+    /// label went away). Returns the services whose set of slices changed.
     fn upsert(
         &mut self,
         id: ObjectId,
-        owner: Option<ServiceKey>,
-        slice: Arc<EndpointSlice>,
+        slice: Option<(ServiceKey, CachedSlice)>,
     ) -> Vec<ServiceKey> {
         let mut changed = Vec::new();
         if let Some(prev) = self.owner.get(&id) {
-            if Some(prev) != owner.as_ref() {
+            if Some(prev) != slice.as_ref().map(|(owner, _)| owner) {
                 if let Some(prev) = self.remove(&id) {
                     changed.push(prev);
                 }
             }
         }
-        if let Some(owner) = owner {
+        if let Some((owner, slice)) = slice {
             let group = self.by_service.entry(owner.clone()).or_default();
-            if group.get(&id.1).is_some_and(|old| **old == *slice) {
+            if group.get(&id.1).is_some_and(|old| *old == slice) {
                 return changed;
             }
-            group.insert(id.1.clone(), slice);
+            group.insert(slice);
             self.owner.insert(id, owner.clone());
             changed.push(owner);
         }
@@ -195,7 +256,7 @@ impl SliceIndex {
         let owner = self.owner.remove(id)?;
         if let Some(group) = self.by_service.get_mut(&owner) {
             group.remove(&id.1);
-            if group.is_empty() {
+            if group.0.is_empty() {
                 self.by_service.remove(&owner);
             }
         }
@@ -212,7 +273,11 @@ pub struct SyncStatus {
 }
 
 /// What the sync needs for one service.
-pub(crate) type ServiceInput = (ServiceKey, Option<Arc<Service>>, Vec<Arc<EndpointSlice>>);
+pub(crate) type ServiceInput = (
+    ServiceKey,
+    Option<Arc<ServiceObject>>,
+    Vec<Arc<SliceObject>>,
+);
 
 /// Services, EndpointSlices and the own Node, plus what changed since the
 /// last sync.
@@ -221,7 +286,7 @@ pub(crate) struct Cache {
     node_name: String,
     /// Trigger times before this are not ours to measure.
     started: SystemTime,
-    services: Listed<HashMap<ServiceKey, Arc<Service>>>,
+    services: Listed<HashMap<ServiceKey, Arc<ServiceObject>>>,
     slices: Listed<SliceIndex>,
     node: Listed<Option<Arc<Node>>>,
     pending: Pending,
@@ -274,7 +339,7 @@ impl Cache {
                     .live
                     .by_service
                     .get(key)
-                    .map(|g| g.values().cloned().collect())
+                    .map(|g| g.0.iter().map(|s| s.object.clone()).collect())
                     .unwrap_or_default();
                 (key.clone(), service, slices)
             })
@@ -296,13 +361,12 @@ impl Cache {
 
     pub fn service_event(&mut self, event: Event<Service>, now: Now) -> Outcome {
         match event {
-            Event::Apply(mut svc) => {
-                strip(&mut svc);
+            Event::Apply(svc) => {
                 let Some((ns, name)) = object_id(&svc) else {
                     return Outcome::default();
                 };
                 let key = ServiceKey::new(ns, name);
-                let svc = Arc::new(svc);
+                let svc = Arc::new(ServiceObject::parse(&key, &svc));
                 if self.services.live.get(&key) == Some(&svc) {
                     return Outcome::default();
                 }
@@ -327,12 +391,11 @@ impl Cache {
                 self.services.begin();
                 Outcome::default()
             }
-            Event::InitApply(mut svc) => {
-                strip(&mut svc);
+            Event::InitApply(svc) => {
                 if let Some((ns, name)) = object_id(&svc) {
-                    self.services
-                        .buffer()
-                        .insert(ServiceKey::new(ns, name), Arc::new(svc));
+                    let key = ServiceKey::new(ns, name);
+                    let svc = Arc::new(ServiceObject::parse(&key, &svc));
+                    self.services.buffer().insert(key, svc);
                 }
                 Outcome::default()
             }
@@ -354,14 +417,14 @@ impl Cache {
 
     pub fn slice_event(&mut self, event: Event<EndpointSlice>, now: Now) -> Outcome {
         match event {
-            Event::Apply(mut slice) => {
-                strip(&mut slice);
+            Event::Apply(slice) => {
                 let Some(id) = object_id(&slice) else {
                     return Outcome::default();
                 };
                 let owner = slice_owner(&slice);
                 let trigger = slice_trigger_time(&slice);
-                let changed = self.slices.live.upsert(id, owner.clone(), Arc::new(slice));
+                let cached = self.cached_slice(owner.clone(), &slice);
+                let changed = self.slices.live.upsert(id, cached);
                 for key in &changed {
                     // The annotation describes the slice's new service only.
                     let t = if Some(key) == owner.as_ref() {
@@ -391,11 +454,10 @@ impl Cache {
                 self.slices.begin();
                 Outcome::default()
             }
-            Event::InitApply(mut slice) => {
-                strip(&mut slice);
+            Event::InitApply(slice) => {
                 if let Some(id) = object_id(&slice) {
-                    let owner = slice_owner(&slice);
-                    self.slices.buffer().upsert(id, owner, Arc::new(slice));
+                    let cached = self.cached_slice(slice_owner(&slice), &slice);
+                    self.slices.buffer().upsert(id, cached);
                 }
                 Outcome::default()
             }
@@ -410,9 +472,11 @@ impl Cache {
                         .by_service
                         .get(key)
                         .into_iter()
-                        .flatten()
-                        .filter(|(name, slice)| old_group.and_then(|g| g.get(*name)) != Some(slice))
-                        .filter_map(|(_, slice)| slice_trigger_time(slice))
+                        .flat_map(|g| &g.0)
+                        .filter(|slice| {
+                            old_group.and_then(|g| g.get(slice.object.name())) != Some(*slice)
+                        })
+                        .filter_map(|slice| slice.trigger)
                         .collect();
                     self.mark(key, now, None);
                     for t in triggers.into_iter().filter(|t| *t >= self.started) {
@@ -427,6 +491,17 @@ impl Cache {
                 }
             }
         }
+    }
+
+    /// The slice parsed for its service, `None` without one.
+    fn cached_slice(
+        &self,
+        owner: Option<ServiceKey>,
+        slice: &EndpointSlice,
+    ) -> Option<(ServiceKey, CachedSlice)> {
+        let owner = owner?;
+        let cached = CachedSlice::parse(&owner, slice, &self.node_name);
+        Some((owner, cached))
     }
 
     pub fn node_event(&mut self, event: Event<Node>, now: Now) -> Outcome {
@@ -505,7 +580,9 @@ mod tests {
     use std::collections::BTreeMap;
     use std::time::Duration;
 
-    use k8s_openapi::api::core::v1::{NodeSpec, NodeStatus, ServiceSpec};
+    use k8s_openapi::api::core::v1::{
+        NodeSpec, NodeStatus, ObjectReference, ServicePort, ServiceSpec,
+    };
     use k8s_openapi::api::discovery::v1::Endpoint;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
 
@@ -522,6 +599,12 @@ mod tests {
             metadata: meta(ns, name),
             spec: Some(ServiceSpec {
                 cluster_ip: Some(ip.into()),
+                // Without a port there is nothing to proxy, so nothing to
+                // tell two versions apart.
+                ports: Some(vec![ServicePort {
+                    port: 80,
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -612,7 +695,7 @@ mod tests {
         c.inputs([k])[0]
             .2
             .iter()
-            .map(|s| s.metadata.name.clone().unwrap_or_default())
+            .map(|s| s.name().to_string())
             .collect()
     }
 
@@ -681,8 +764,13 @@ mod tests {
             ])
         );
         let input = &c.inputs([&key("ns", "a")])[0];
-        let endpoints = input.2[0].endpoints.clone().unwrap_or_default();
-        assert_eq!(endpoints[0].addresses, vec!["10.1.0.9"]);
+        let parsed = input.2[0].parsed().map(|p| p.endpoints.clone());
+        let ips: Vec<String> = parsed
+            .unwrap_or_default()
+            .iter()
+            .map(|e| e.ip.to_string())
+            .collect();
+        assert_eq!(ips, vec!["10.1.0.9"]);
     }
 
     #[test]
@@ -878,23 +966,53 @@ mod tests {
     }
 
     #[test]
-    fn strip_drops_managed_fields_and_last_applied() {
+    fn changes_to_fields_kproxy_ignores_are_not_changes() {
+        let mut c = synced_cache();
         let mut s = svc("ns", "a", "10.0.0.1");
         s.metadata.managed_fields = Some(vec![ManagedFieldsEntry::default()]);
-        s.metadata.annotations = Some(BTreeMap::from([
-            (LAST_APPLIED_ANNOTATION.to_string(), "{...}".to_string()),
-            ("keep".to_string(), "me".to_string()),
-        ]));
+        s.metadata.resource_version = Some("42".into());
+        s.metadata.annotations = Some(BTreeMap::from([(
+            LAST_APPLIED_ANNOTATION.to_string(),
+            "{...}".to_string(),
+        )]));
+        assert_eq!(c.service_event(Event::Apply(s), now()), Outcome::default());
+        let mut sl = slice("ns", "a-1", Some("a"), "10.1.0.1");
+        sl.metadata.resource_version = Some("43".into());
+        if let Some(eps) = sl.endpoints.as_mut() {
+            eps[0].target_ref = Some(ObjectReference {
+                kind: Some("Pod".into()),
+                name: Some("a-xyz".into()),
+                ..Default::default()
+            });
+        }
+        assert_eq!(c.slice_event(Event::Apply(sl), now()).changed, 0);
+        assert!(!c.has_pending());
+    }
+
+    #[test]
+    fn invalid_objects_are_kept_with_their_reason() {
         let mut c = synced_cache();
-        c.service_event(Event::Apply(s), now());
-        let stored = c.inputs([&key("ns", "a")])[0].1.clone();
-        let stored = stored.as_deref().map(|s| s.metadata.clone());
-        let stored = stored.unwrap_or_default();
-        assert!(stored.managed_fields.is_none());
-        assert_eq!(
-            stored.annotations,
-            Some(BTreeMap::from([("keep".to_string(), "me".to_string())]))
+        let o = c.slice_event(
+            Event::Apply(slice("ns", "a-1", Some("a"), "not-an-ip")),
+            now(),
         );
+        assert_eq!(o.changed, 1);
+        let input = &c.inputs([&key("ns", "a")])[0];
+        let reason = input.2[0].parsed().err().unwrap_or_default();
+        assert!(reason.contains("not-an-ip"), "{reason}");
+    }
+
+    #[test]
+    fn slices_are_parsed_for_the_own_node() {
+        let mut c = synced_cache();
+        let mut sl = slice("ns", "a-1", Some("a"), "10.1.0.1");
+        if let Some(eps) = sl.endpoints.as_mut() {
+            eps[0].node_name = Some("node-a".into());
+        }
+        c.slice_event(Event::Apply(sl), now());
+        let input = &c.inputs([&key("ns", "a")])[0];
+        let local = input.2[0].parsed().map(|p| p.endpoints[0].is_local);
+        assert_eq!(local, Ok(true));
     }
 
     fn node(name: &str, zone: &str, heartbeat: &str) -> Node {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kproxy_model::{Changes, Rejection, StateBuilder};
+use kproxy_model::{Changes, Rejection, SliceObject, StateBuilder};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource};
@@ -186,8 +186,8 @@ pub(crate) fn apply_pending(
     let inputs = shared.lock().inputs(&pending.services);
 
     for (key, service, slices) in &inputs {
-        let slices: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
-        let update = builder.update_service(key, service.as_deref(), &slices);
+        let slices: Vec<&SliceObject> = slices.iter().map(|s| &**s).collect();
+        let update = builder.update_service_objects(key, service.as_deref(), &slices);
         applied.changes.ports.extend(update.changed_ports);
         applied.new_rejections.extend(update.new_rejections);
     }

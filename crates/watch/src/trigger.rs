@@ -570,12 +570,14 @@ mod tests {
 mod async_tests {
     use super::*;
     use crate::cache::{Cache, Now};
-    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     use kube::runtime::watcher::Event;
     use std::time::SystemTime;
     use tokio::time::timeout;
 
+    /// Version `rv` of a service: a different port per version, since only
+    /// what kproxy programs makes a change.
     fn svc(name: &str, rv: &str) -> Service {
         Service {
             metadata: ObjectMeta {
@@ -584,6 +586,14 @@ mod async_tests {
                 resource_version: Some(rv.into()),
                 ..Default::default()
             },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("10.0.0.1".into()),
+                ports: Some(vec![ServicePort {
+                    port: rv.parse().unwrap(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
