@@ -1,0 +1,192 @@
+//! Heap held by the planner at N ClusterIP services × 10 remote endpoints:
+//! the peak while a full plan is built, the plan text, and the [`Applied`]
+//! record kept between syncs (what partial syncs diff against).
+//!
+//! `cargo bench -p kproxy-iptables --bench applied_memory [-- N]` (plain
+//! main, no harness; N defaults to 10000). Counts bytes requested from the
+//! allocator (capacity, not RSS; allocator overhead not included).
+//!
+//! [`Applied`]: kproxy_iptables::planner::Applied
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use kproxy_iptables::planner::{ExistingChains, LocalDetector, Planner, PlannerConfig};
+use kproxy_model::{
+    Endpoint, FamilyState, IpFamily, Protocol, ServiceEndpoints, ServiceKey, ServicePort,
+    ServicePortName,
+};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(n: usize) {
+    let now = LIVE.fetch_add(n, Ordering::Relaxed) + n;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        System.alloc(layout)
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+        System.dealloc(ptr, layout)
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        System.alloc_zeroed(layout)
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size >= layout.size() {
+            grew(new_size - layout.size());
+        } else {
+            LIVE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        }
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Resets the peak to what is live now.
+fn reset_peak() {
+    PEAK.store(live(), Ordering::Relaxed);
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / 1e6
+}
+
+const ENDPOINTS: usize = 10;
+
+fn v4(n: u32) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(n))
+}
+
+/// As in the planner bench: unique cluster IPs and endpoint IPs, no comments
+/// on endpoint rules (large-cluster mode at 10k × 10).
+fn service(i: usize) -> ServicePort {
+    let eps: Vec<Endpoint> = (0..ENDPOINTS)
+        .map(|e| Endpoint {
+            ip: v4((10 << 24 | 64 << 16) + (i * ENDPOINTS + e) as u32),
+            port: 8080,
+            is_local: false,
+            ready: true,
+            serving: true,
+            terminating: false,
+        })
+        .collect();
+    ServicePort {
+        name: ServicePortName {
+            service: ServiceKey::new(format!("ns{}", i % 100), format!("svc{i}")),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        family: IpFamily::V4,
+        cluster_ip: v4((172 << 24 | 16 << 16) + i as u32 + 1),
+        port: 80,
+        target_port: "8080".into(),
+        node_port: None,
+        external_ips: vec![],
+        load_balancer_ips: vec![],
+        load_balancer_source_ranges: vec![],
+        session_affinity_seconds: None,
+        external_policy_local: false,
+        internal_policy_local: false,
+        health_check_node_port: None,
+        endpoints: ServiceEndpoints {
+            all: eps.clone(),
+            cluster: eps,
+            local: vec![],
+            has_any: true,
+        },
+    }
+}
+
+fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(10_000);
+    let mut cfg = PlannerConfig::new(IpFamily::V4);
+    cfg.local_detector = LocalDetector::Cidrs(vec!["10.64.0.0/10".parse().expect("cidr")]);
+    let planner = Planner::new(cfg).expect("config");
+    let st: FamilyState = (0..n)
+        .map(|i| {
+            let sp = service(i);
+            (sp.name.clone(), Arc::new(sp))
+        })
+        .collect();
+
+    let base = live();
+    reset_peak();
+    let plan = planner.plan_full(&st, &ExistingChains::default());
+    let plan_peak = PEAK.load(Ordering::Relaxed) - base;
+    let with_plan = live() - base;
+    let text = plan.text.capacity();
+    let (nat, filter) = (plan.counts.nat_rules, plan.counts.filter_rules);
+    let mut slot = None;
+    let update = plan.update;
+    drop(plan.text);
+    update.apply_to(&mut slot);
+    let applied = live() - base;
+
+    // One endpoint of one service changes: the partial plan and its commit.
+    let Some(prev) = slot.take() else {
+        panic!("a full plan yields a record");
+    };
+    let before_change = live();
+    let mut next = st.clone();
+    let mut changed_sp = service(n / 2);
+    changed_sp.endpoints.cluster[3].ip = v4(0x0a7f_0001);
+    changed_sp.endpoints.all[3].ip = v4(0x0a7f_0001);
+    let changed: BTreeSet<ServicePortName> = [changed_sp.name.clone()].into();
+    next.insert(changed_sp.name.clone(), Arc::new(changed_sp));
+    let before_partial = live();
+    reset_peak();
+    let partial = planner.plan_partial(&prev, &next, &changed);
+    let partial_peak = PEAK.load(Ordering::Relaxed) - before_partial;
+    let rewritten = partial.text.matches(":KUBE-SVC-").count();
+    slot = Some(prev);
+    partial.update.apply_to(&mut slot);
+    drop((next, changed));
+    let after_partial = applied + live() - before_change;
+
+    println!("{n} ClusterIP services x {ENDPOINTS} endpoints: {nat} nat / {filter} filter rules");
+    println!(
+        "  full plan, peak while planning: {:>8.1} MB",
+        mb(plan_peak)
+    );
+    println!(
+        "  full plan, text + update:       {:>8.1} MB",
+        mb(with_plan)
+    );
+    println!("    of which the text:            {:>8.1} MB", mb(text));
+    println!("  applied record:                 {:>8.1} MB", mb(applied));
+    println!(
+        "  partial plan (1 endpoint), peak: {:>7.3} MB, chains rewritten: {rewritten}",
+        mb(partial_peak)
+    );
+    println!(
+        "  applied record after it:        {:>8.1} MB",
+        mb(after_partial)
+    );
+    drop(slot);
+}
