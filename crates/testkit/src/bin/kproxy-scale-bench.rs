@@ -65,7 +65,7 @@ struct Args {
     /// min-sync-period so each change meets an idle proxy).
     #[arg(long, default_value_t = 1100)]
     change_gap_ms: u64,
-    /// Churn rates (endpoint changes per second), comma-separated; empty: none.
+    /// Churn rates (endpoint changes per second), comma-separated; 0: none.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     churn_rates: Vec<u32>,
     /// Seconds of churn per rate.
@@ -114,24 +114,49 @@ fn service_json(i: usize) -> Value {
     let ip = cluster_ip(i).to_string();
     json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"namespace": ns_name(i), "name": format!("svc{i}")},
+        "metadata": {"namespace": ns_name(i), "name": format!("svc{i}"), "labels": {"app": format!("svc{i}")}},
         "spec": {
             "type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack", "internalTrafficPolicy": "Cluster",
+            "sessionAffinity": "None", "selector": {"app": format!("svc{i}")},
             "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]
-        }
+        },
+        "status": {"loadBalancer": {}}
     })
 }
 
+/// A slice as the endpointslice controller writes it: with targetRefs,
+/// owner reference and its labels, so that the memory measured is that of
+/// real objects.
 fn slice_json(i: usize, ips: &[Ipv4Addr], trigger: Option<SystemTime>) -> Value {
+    let ns = ns_name(i);
     let endpoints: Vec<Value> = ips
         .iter()
-        .map(|ip| {
-            json!({"addresses": [ip.to_string()], "conditions": {"ready": true, "serving": true, "terminating": false}, "nodeName": REMOTE})
+        .enumerate()
+        .map(|(k, ip)| {
+            json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": REMOTE,
+                "targetRef": {
+                    "kind": "Pod", "namespace": ns, "name": format!("svc{i}-7d4b9c8f6-{k:05}"),
+                    "uid": format!("00000000-0000-4000-8000-{:012x}", i * 100 + k)
+                }
+            })
         })
         .collect();
     let mut meta = json!({
-        "namespace": ns_name(i), "name": format!("svc{i}-1"),
-        "labels": {"kubernetes.io/service-name": format!("svc{i}")}
+        "namespace": ns, "name": format!("svc{i}-1"), "generateName": format!("svc{i}-"),
+        "labels": {
+            "kubernetes.io/service-name": format!("svc{i}"),
+            "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            "app": format!("svc{i}")
+        },
+        "ownerReferences": [{
+            "apiVersion": "v1", "kind": "Service", "name": format!("svc{i}"),
+            "uid": format!("00000000-0000-4000-9000-{i:012x}"),
+            "controller": true, "blockOwnerDeletion": true
+        }]
     });
     if let Some(t) = trigger {
         if let Ok(ts) = jiff::Timestamp::try_from(t) {
