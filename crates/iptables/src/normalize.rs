@@ -353,23 +353,24 @@ pub fn normalize(spec: &str) -> String {
 }
 
 /// Ordered chains (everything but the dispatch chains): equal rule by rule.
-pub fn same_rules(want: &[String], have: &[String]) -> bool {
+pub fn same_rules<W: AsRef<str>>(want: &[W], have: &[String]) -> bool {
     want.len() == have.len()
         && want
             .iter()
+            .map(AsRef::as_ref)
             .zip(have)
-            .all(|(w, h)| w == h || normalize(w) == normalize(h))
+            .all(|(w, h)| w == h.as_str() || normalize(w) == normalize(h))
 }
 
 /// Dispatch chains: the same rules as a multiset (partial syncs insert into
 /// them, so their order is not the full plan's), and the last `tail` rules
 /// the same and in the same order (nat KUBE-SERVICES' NodePort jump must
 /// stay last).
-pub fn same_rule_set(want: &[String], have: &[String], tail: usize) -> bool {
+pub fn same_rule_set<W: AsRef<str>>(want: &[W], have: &[String], tail: usize) -> bool {
     if want.len() != have.len() || tail > want.len() {
         return false;
     }
-    let mut w: Vec<String> = want.iter().map(|r| normalize(r)).collect();
+    let mut w: Vec<String> = want.iter().map(|r| normalize(r.as_ref())).collect();
     let mut h: Vec<String> = have.iter().map(|r| normalize(r)).collect();
     if w[w.len() - tail..] != h[h.len() - tail..] {
         return false;
@@ -387,25 +388,30 @@ pub fn is_dispatch(table: Table, chain: &str) -> bool {
 }
 
 /// The chains of `desired` (a full plan's chains with their rules, as
-/// [`crate::planner::Applied::rules_by_chain`] lists them) whose rules the
+/// [`crate::planner::Plan::rules_by_chain`] lists them) whose rules the
 /// kernel already holds (`kernel`: rules per chain as `iptables-save`
 /// prints them). Chains missing from the kernel are never unchanged.
-pub fn unchanged_chains(
-    desired: &BTreeMap<(Table, String), Vec<String>>,
+pub fn unchanged_chains<C, W>(
+    desired: &BTreeMap<(Table, C), Vec<W>>,
     kernel: &BTreeMap<(Table, String), Vec<String>>,
-) -> BTreeSet<(Table, String)> {
+) -> BTreeSet<(Table, String)>
+where
+    C: AsRef<str>,
+    W: AsRef<str>,
+{
     desired
         .iter()
-        .filter(|(key, want)| {
-            let Some(have) = kernel.get(*key) else {
-                return false;
-            };
-            let (table, chain) = (key.0, key.1.as_str());
-            if is_dispatch(table, chain) {
+        .filter_map(|((table, chain), want)| {
+            let key = (*table, chain.as_ref().to_string());
+            let have = kernel.get(&key)?;
+            let (table, chain) = (*table, chain.as_ref());
+            let same = if is_dispatch(table, chain) {
                 let tail = if table == Table::Nat && chain == KUBE_SERVICES {
                     want.iter()
                         .rev()
-                        .take_while(|r| Rule::parse(r).target_name() == Some(KUBE_NODEPORTS))
+                        .take_while(|r| {
+                            Rule::parse(r.as_ref()).target_name() == Some(KUBE_NODEPORTS)
+                        })
                         .count()
                 } else {
                     0
@@ -413,9 +419,9 @@ pub fn unchanged_chains(
                 same_rule_set(want, have, tail)
             } else {
                 same_rules(want, have)
-            }
+            };
+            same.then_some(key)
         })
-        .map(|(key, _)| key.clone())
         .collect()
 }
 
@@ -617,7 +623,7 @@ mod tests {
             "order matters in service chains (probabilities)"
         );
         assert!(!same_rules(&owned(&[a, b]), &owned(&[a_saved])));
-        assert!(same_rules(&[], &[]));
+        assert!(same_rules::<String>(&[], &[]));
 
         // Dispatch: any order of the service rules, the NodePort jump last.
         assert!(same_rule_set(

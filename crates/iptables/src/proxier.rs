@@ -294,12 +294,15 @@ impl FamilyProxier {
 
     /// Leaves the chains the kernel already holds out of a full plan.
     fn skip_unchanged(&self, plan: &mut Plan) {
-        let (Some(kernel), AppliedUpdate::Replace(applied)) = (&self.kernel_rules, &plan.update)
-        else {
+        let (Some(kernel), AppliedUpdate::Replace(_)) = (&self.kernel_rules, &plan.update) else {
             return;
         };
-        let desired = applied.rules_by_chain();
-        let unchanged = unchanged_chains(&desired, kernel);
+        // The desired rules borrowed from the plan's text rather than cloned
+        // from the Applied record; dropped before the text is edited.
+        let (unchanged, desired_chains) = {
+            let desired = plan.rules_by_chain();
+            (unchanged_chains(&desired, kernel), desired.len())
+        };
         let (text, rules, chains) = drop_chains(std::mem::take(&mut plan.text), &unchanged);
         plan.text = text;
         plan.counts.rules_written = plan.counts.rules_written.saturating_sub(rules);
@@ -307,7 +310,7 @@ impl FamilyProxier {
         info!(
             family = %self.family(),
             chains_adopted = unchanged.len(),
-            chains_rewritten = desired.len() - unchanged.len(),
+            chains_rewritten = desired_chains - unchanged.len(),
             rules_adopted = rules,
             rules_written = plan.counts.rules_written,
             "first full sync: adopted the unchanged chains in place, rewriting only the ones that differ"

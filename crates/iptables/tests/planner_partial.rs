@@ -7,7 +7,7 @@ mod planner_support;
 use std::collections::{BTreeMap, BTreeSet};
 
 use kproxy_iptables::planner::{
-    Applied, ExistingChains, LocalDetector, Plan, Planner, PlannerConfig, KUBE_SERVICES,
+    Applied, ExistingChains, LocalDetector, Plan, Planner, PlannerConfig, Table, KUBE_SERVICES,
 };
 use kproxy_model::{FamilyState, IpFamily, Protocol, ServicePort, ServicePortName, SyncKind};
 use planner_support::*;
@@ -185,6 +185,49 @@ fn config_change_means_full() {
     let p2 = Planner::new(c2).expect("config");
     let plan = p2.plan_partial(slot.as_ref().expect("applied"), &s1, &BTreeSet::new());
     assert_eq!(plan.kind, SyncKind::Full);
+}
+
+/// A full plan's rules by chain, read back from its text, are the chains it
+/// writes: the stale chains it deletes are not among them, every rule is.
+#[test]
+fn full_plan_rules_by_chain() {
+    let planner = Planner::new(cfg(1000)).expect("config");
+    let s1 = state(vec![
+        web(vec![ep("10.1.0.1", 80, false), ep("10.1.0.2", 80, true)]),
+        other(),
+    ]);
+    let mut existing = ExistingChains::default();
+    existing
+        .0
+        .insert((Table::Nat, "KUBE-SVC-STALESTALESTALEX".to_string()));
+    let plan = planner.plan_full(&s1, &existing);
+    assert!(plan.text.contains("-X KUBE-SVC-STALESTALESTALEX\n"));
+    let by_chain = plan.rules_by_chain();
+    assert!(!by_chain.contains_key(&(Table::Nat, "KUBE-SVC-STALESTALESTALEX")));
+    let kernel = check_structure(&plan.text).expect("valid");
+    let mut listed = 0;
+    for ((table, chain), rules) in &by_chain {
+        assert_eq!(
+            kernel.chain(table.as_str(), chain).map(|r| r.as_slice()),
+            Some(
+                rules
+                    .iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .as_slice()
+            ),
+            "{table:?} {chain}"
+        );
+        listed += rules.len();
+    }
+    assert_eq!(listed, plan.counts.nat_rules + plan.counts.filter_rules);
+    let declared: BTreeSet<(Table, String)> =
+        by_chain.keys().map(|(t, c)| (*t, c.to_string())).collect();
+    drop(by_chain);
+    let mut slot = None;
+    plan.update.apply_to(&mut slot);
+    let applied = slot.expect("applied");
+    assert_eq!(declared, applied.existing_chains().0);
 }
 
 // ---- property test ----

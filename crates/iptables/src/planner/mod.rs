@@ -298,6 +298,44 @@ pub struct Plan {
     pub update: AppliedUpdate,
 }
 
+impl Plan {
+    /// The chains a full plan writes, per table, with their rules (rulespecs
+    /// without `-A CHAIN`), borrowed from its text: dispatch chains list
+    /// service-port rules in service-port order, then nat KUBE-SERVICES'
+    /// tail. Chains it flushes only to delete them (`-X`) are left out. The
+    /// first sync after a restart compares them with the kernel's.
+    pub fn rules_by_chain(&self) -> BTreeMap<(Table, &str), Vec<&str>> {
+        let mut out: BTreeMap<(Table, &str), Vec<&str>> = BTreeMap::new();
+        let mut deleted = Vec::new();
+        let mut table = None;
+        for line in self.text.lines() {
+            if let Some(name) = line.strip_prefix('*') {
+                table = match name {
+                    "nat" => Some(Table::Nat),
+                    "filter" => Some(Table::Filter),
+                    _ => None,
+                };
+                continue;
+            }
+            let Some(t) = table else { continue };
+            if let Some(decl) = line.strip_prefix(':') {
+                if let Some(chain) = decl.split(' ').next() {
+                    out.entry((t, chain)).or_default();
+                }
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+                out.entry((t, chain)).or_default().push(spec);
+            } else if let Some(chain) = line.strip_prefix("-X ") {
+                deleted.push((t, chain));
+            }
+        }
+        for key in deleted {
+            out.remove(&key);
+        }
+        out
+    }
+}
+
 /// The change to the [`Applied`] record a successful plan makes.
 #[derive(Debug)]
 pub enum AppliedUpdate {
