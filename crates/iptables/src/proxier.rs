@@ -297,8 +297,8 @@ impl FamilyProxier {
         let (Some(kernel), AppliedUpdate::Replace(_)) = (&self.kernel_rules, &plan.update) else {
             return;
         };
-        // The desired rules borrowed from the plan's text rather than cloned
-        // from the Applied record; dropped before the text is edited.
+        // The desired rules come from the plan's text (the Applied record
+        // keeps no rule texts), borrowed, and go before the text is edited.
         let (unchanged, desired_chains) = {
             let desired = plan.rules_by_chain();
             (unchanged_chains(&desired, kernel), desired.len())
@@ -964,7 +964,8 @@ mod tests {
             "jumps still ensured"
         );
         let adopted = p.families()[0].applied().cloned().expect("applied");
-        assert_eq!(adopted.rules_by_chain(), fresh.rules_by_chain());
+        // Equal records hold equal rules (digests of every chain's rules).
+        assert_eq!(adopted, fresh);
         assert_eq!(
             (adopted.nat_rules(), adopted.filter_rules()),
             (fresh.nat_rules(), fresh.filter_rules())
@@ -1072,10 +1073,7 @@ mod tests {
             .filter(|l| l.starts_with("-A "))
             .count();
         assert_eq!(r.objects_written, web_rules + filter_rules);
-        assert_eq!(
-            p.families()[0].applied().map(|a| a.rules_by_chain()),
-            first.families()[0].applied().map(|a| a.rules_by_chain())
-        );
+        assert_eq!(p.families()[0].applied(), first.families()[0].applied());
     }
 
     #[test]

@@ -57,6 +57,11 @@
 //! in nat so the NodePort jump stays last. A table with nothing to change is
 //! left out of the input (legacy iptables-restore re-uploads every table it
 //! touches).
+//!
+//! The [`Applied`] record keeps of each service-port chain only its name,
+//! rule count and a hash of its rules ([`ChainDigest`]), and the dispatch
+//! rules verbatim (for `-D`): a partial plan renders the changed ports
+//! afresh and rewrites the chains whose digest differs.
 
 mod names;
 mod port;
@@ -64,13 +69,12 @@ mod port;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 use kproxy_model::{FamilyState, IpFamily, ServicePortName, SyncKind};
 
 pub use names::{is_service_chain, PortChains};
-pub use port::PortRecord;
+pub use port::{AppliedPort, ChainDigest, PortRecord};
 
 use port::{comment, Ctx, Detect};
 
@@ -303,7 +307,8 @@ impl Plan {
     /// without `-A CHAIN`), borrowed from its text: dispatch chains list
     /// service-port rules in service-port order, then nat KUBE-SERVICES'
     /// tail. Chains it flushes only to delete them (`-X`) are left out. The
-    /// first sync after a restart compares them with the kernel's.
+    /// [`Applied`] record keeps no rule texts, so this is where the first sync
+    /// after a restart finds the rules to compare with the kernel's.
     pub fn rules_by_chain(&self) -> BTreeMap<(Table, &str), Vec<&str>> {
         let mut out: BTreeMap<(Table, &str), Vec<&str>> = BTreeMap::new();
         let mut deleted = Vec::new();
@@ -345,7 +350,7 @@ pub enum AppliedUpdate {
 
 #[derive(Debug)]
 pub struct AppliedPatch {
-    ports: Vec<(ServicePortName, Option<Arc<PortRecord>>)>,
+    ports: Vec<(ServicePortName, Option<AppliedPort>)>,
     totals: Totals,
 }
 
@@ -379,9 +384,10 @@ struct Totals {
     no_local_external: usize,
 }
 
-/// What is in the kernel after a successful plan: every owned chain with its
-/// rules, and per service port its chains and dispatch rules.
-#[derive(Clone, Debug)]
+/// What is in the kernel after a successful plan: the fixed chains with
+/// their rules, and per service port its chains (as digests of their rules)
+/// and dispatch rules. Equal records mean equal rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Applied {
     config: PlannerConfig,
     large_cluster: bool,
@@ -389,7 +395,7 @@ pub struct Applied {
     fixed: Vec<(Table, &'static str, Vec<String>)>,
     /// The last rules of nat KUBE-SERVICES (the NodePort jump).
     tail: Vec<String>,
-    ports: BTreeMap<ServicePortName, Arc<PortRecord>>,
+    ports: BTreeMap<ServicePortName, AppliedPort>,
     totals: Totals,
 }
 
@@ -402,8 +408,8 @@ impl Applied {
         self.large_cluster
     }
 
-    pub fn port(&self, name: &ServicePortName) -> Option<&PortRecord> {
-        self.ports.get(name).map(|r| &**r)
+    pub fn port(&self, name: &ServicePortName) -> Option<&AppliedPort> {
+        self.ports.get(name)
     }
 
     pub fn nat_rules(&self) -> usize {
@@ -412,34 +418,6 @@ impl Applied {
 
     pub fn filter_rules(&self) -> usize {
         self.totals.filter_rules
-    }
-
-    /// Every chain kproxy holds, per table, with its rules (rulespecs without
-    /// `-A CHAIN`). Dispatch chains list service-port rules in service-port
-    /// order, then nat KUBE-SERVICES' tail — the order of a full plan; after
-    /// partial plans the kernel may hold them in another order.
-    pub fn rules_by_chain(&self) -> BTreeMap<(Table, String), Vec<String>> {
-        let mut out: BTreeMap<(Table, String), Vec<String>> = BTreeMap::new();
-        for d in Dispatch::ALL {
-            out.entry((d.table(), d.chain().to_string())).or_default();
-        }
-        for (t, c, rules) in &self.fixed {
-            out.insert((*t, (*c).to_string()), rules.clone());
-        }
-        for rec in self.ports.values() {
-            for (d, spec) in &rec.dispatch {
-                out.entry((d.table(), d.chain().to_string()))
-                    .or_default()
-                    .push(spec.clone());
-            }
-            for (name, rules) in &rec.chains {
-                out.insert((Table::Nat, name.clone()), rules.clone());
-            }
-        }
-        out.entry((Table::Nat, KUBE_SERVICES.to_string()))
-            .or_default()
-            .extend(self.tail.iter().cloned());
-        out
     }
 
     /// The chains this record says exist, for a full plan's stale-chain scan.
@@ -452,12 +430,30 @@ impl Applied {
             set.insert((d.table(), d.chain().to_string()));
         }
         for rec in self.ports.values() {
-            for (name, _) in &rec.chains {
-                set.insert((Table::Nat, name.clone()));
+            for c in rec.chains() {
+                set.insert((Table::Nat, c.name().to_string()));
             }
         }
         ExistingChains(set)
     }
+}
+
+/// Makes room for `need` more bytes in `buf`, which holds the text of `done`
+/// of `total` items: once the first items show their size, by what the rest
+/// needs at the average so far (at least a quarter more, for uneven items),
+/// not by doubling, whose slack would be up to half of the largest
+/// allocation of a sync.
+fn reserve_by_average(buf: &mut String, need: usize, done: usize, total: usize) {
+    if buf.capacity() - buf.len() >= need {
+        return;
+    }
+    let additional = if done < 16 {
+        need.max(buf.len())
+    } else {
+        let rest = buf.len() / done * total.saturating_sub(done);
+        need.max(rest + rest / 32).max(buf.len() / 4)
+    };
+    buf.reserve_exact(additional);
 }
 
 /// Plans the rules of one IP family.
@@ -673,18 +669,6 @@ impl Planner {
         }
     }
 
-    fn render_all(
-        &self,
-        ports: &FamilyState,
-        large: bool,
-    ) -> BTreeMap<ServicePortName, Arc<PortRecord>> {
-        let ctx = self.ctx(large);
-        ports
-            .iter()
-            .filter_map(|(name, sp)| port::render(&ctx, sp).map(|r| (name.clone(), Arc::new(r))))
-            .collect()
-    }
-
     fn is_large(&self, endpoints: usize) -> bool {
         endpoints > self.cfg.large_cluster_endpoint_threshold
     }
@@ -694,7 +678,7 @@ impl Planner {
     pub fn plan_full(&self, ports: &FamilyState, existing: &ExistingChains) -> Plan {
         let endpoints: usize = ports.values().map(|sp| sp.endpoints.all.len()).sum();
         let large = self.is_large(endpoints);
-        let records = self.render_all(ports, large);
+        let ctx = self.ctx(large);
         let fixed = self.fixed_chains();
         let tail = self.nodeport_tail();
 
@@ -705,33 +689,63 @@ impl Planner {
         };
         let mut bufs: BTreeMap<Dispatch, String> =
             Dispatch::ALL.iter().map(|d| (*d, String::new())).collect();
+        // The service ports' own chain rules, the bulk of the text and its
+        // end: each port is rendered, written here and kept only as an
+        // `AppliedPort`, so the rule texts of all ports never exist as
+        // separate strings at once. The head (declarations, dispatch) is
+        // put in front of it at the end.
+        let mut body = String::new();
+        let mut rendered = 0usize;
+        let records: BTreeMap<ServicePortName, AppliedPort> = ports
+            .iter()
+            .filter_map(|(name, sp)| {
+                let rec = port::render(&ctx, sp)?;
+                for (d, spec) in &rec.dispatch {
+                    if let Some(b) = bufs.get_mut(d) {
+                        b.push_str("-A ");
+                        b.push_str(d.chain());
+                        b.push(' ');
+                        b.push_str(spec);
+                        b.push('\n');
+                    }
+                }
+                let len: usize = rec
+                    .chains
+                    .iter()
+                    .map(|(c, rules)| rules.iter().map(|r| c.len() + r.len() + 5).sum::<usize>())
+                    .sum();
+                reserve_by_average(&mut body, len, rendered, ports.len());
+                for (chain, rules) in &rec.chains {
+                    for r in rules {
+                        body.push_str("-A ");
+                        body.push_str(chain);
+                        body.push(' ');
+                        body.push_str(r);
+                        body.push('\n');
+                    }
+                }
+                rendered += 1;
+                totals.nat_rules += rec.nat_rules();
+                totals.filter_rules += rec.filter_rules();
+                totals.no_local_internal += usize::from(rec.no_local_internal);
+                totals.no_local_external += usize::from(rec.no_local_external);
+                Some((name.clone(), AppliedPort::of(&rec)))
+            })
+            .collect();
         // Only needed when the kernel holds service chains (not on a first
         // sync into empty tables): skip building a set of every chain name.
         let check_stale = existing
             .0
             .iter()
             .any(|(t, name)| *t == Table::Nat && is_service_chain(name));
-        let mut wanted: BTreeSet<&str> = BTreeSet::new();
-        for rec in records.values() {
-            for (d, spec) in &rec.dispatch {
-                if let Some(b) = bufs.get_mut(d) {
-                    b.push_str("-A ");
-                    b.push_str(d.chain());
-                    b.push(' ');
-                    b.push_str(spec);
-                    b.push('\n');
-                }
-            }
-            if check_stale {
-                for (name, _) in &rec.chains {
-                    wanted.insert(name);
-                }
-            }
-            totals.nat_rules += rec.nat_rules();
-            totals.filter_rules += rec.filter_rules();
-            totals.no_local_internal += usize::from(rec.no_local_internal);
-            totals.no_local_external += usize::from(rec.no_local_external);
-        }
+        let wanted: BTreeSet<&str> = if check_stale {
+            records
+                .values()
+                .flat_map(|rec| rec.chains().iter().map(|c| c.name()))
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
         let stale: Vec<&str> = existing
             .0
             .iter()
@@ -741,7 +755,10 @@ impl Planner {
             .map(|(_, name)| name.as_str())
             .collect();
 
-        let mut out = String::with_capacity(256 + totals.nat_rules * 160);
+        let chain_count: usize = records.values().map(|r| r.chains().len()).sum();
+        let mut out = String::with_capacity(
+            4096 + bufs.values().map(String::len).sum::<usize>() + (chain_count + stale.len()) * 40,
+        );
         let declare = |out: &mut String, name: &str, counts: &mut PlanCounts| {
             let _ = writeln!(out, ":{name} - [0:0]");
             counts.chains_written += 1;
@@ -785,7 +802,7 @@ impl Planner {
             .chain(
                 records
                     .values()
-                    .flat_map(|rec| rec.chains.iter().map(|(name, _)| name.as_str())),
+                    .flat_map(|rec| rec.chains().iter().map(|c| c.name())),
             )
             .collect();
         counts.chains_written += nat_chains.len();
@@ -812,21 +829,18 @@ impl Planner {
         if let Some(b) = bufs.get(&Dispatch::NatNodePorts) {
             out.push_str(b);
         }
-        for rec in records.values() {
-            for (name, rules) in &rec.chains {
-                for r in rules {
-                    out.push_str("-A ");
-                    out.push_str(name);
-                    out.push(' ');
-                    out.push_str(r);
-                    out.push('\n');
-                }
-            }
-        }
+        drop(bufs);
+        // Head in front of the body, in the body's buffer: one move of the
+        // body instead of a second copy of it.
+        let end_len = stale.iter().map(|n| n.len() + 4).sum::<usize>() + "COMMIT\n".len();
+        let mut text = body;
+        text.reserve_exact(out.len() + end_len);
+        text.insert_str(0, &out);
+        drop(out);
         for name in &stale {
-            let _ = writeln!(out, "-X {name}");
+            let _ = writeln!(text, "-X {name}");
         }
-        out.push_str("COMMIT\n");
+        text.push_str("COMMIT\n");
         rules_written += totals.nat_rules + totals.filter_rules;
 
         counts.chains_deleted = stale.len();
@@ -845,7 +859,7 @@ impl Planner {
         };
         Plan {
             kind: SyncKind::Full,
-            text: out,
+            text,
             counts,
             update: AppliedUpdate::Replace(Box::new(applied)),
         }
@@ -866,7 +880,7 @@ impl Planner {
         let mut totals = previous.totals;
         for name in changed {
             if let Some(old) = previous.ports.get(name) {
-                totals.endpoints -= old.endpoints;
+                totals.endpoints -= old.endpoints();
             }
             if let Some(sp) = ports.get(name) {
                 totals.endpoints += sp.endpoints.all.len();
@@ -877,20 +891,23 @@ impl Planner {
             return self.plan_full(ports, &previous.existing_chains());
         }
         let ctx = self.ctx(large);
+        // Each changed port: its record as applied, and as rendered now
+        // (with texts, to write) plus that rendering's compact form (to
+        // compare with the applied one and to keep).
         let mut patch = Vec::with_capacity(changed.len());
         for name in changed {
             let old = previous.ports.get(name);
             let new = ports
                 .get(name)
                 .and_then(|sp| port::render(&ctx, sp))
-                .map(Arc::new);
-            if old.is_none() && new.is_none() {
-                continue;
-            }
-            if let (Some(o), Some(n)) = (old, &new) {
-                if **o == **n {
-                    continue;
-                }
+                .map(|rec| {
+                    let compact = AppliedPort::of(&rec);
+                    (rec, compact)
+                });
+            match (old, &new) {
+                (None, None) => continue,
+                (Some(o), Some((_, n))) if o == n => continue,
+                _ => {}
             }
             patch.push((name.clone(), old, new));
         }
@@ -902,19 +919,24 @@ impl Planner {
         let mut nat_rules = String::new();
         let mut nat_add = String::new();
         let mut nat_x = String::new();
-        let empty = PortRecord::default();
+        let (empty, empty_compact) = (PortRecord::default(), AppliedPort::default());
         for (_, old, new) in &patch {
-            let o: &PortRecord = old.map(|r| &**r).unwrap_or(&empty);
-            let n: &PortRecord = new.as_deref().unwrap_or(&empty);
-            totals.nat_rules = totals.nat_rules - o.nat_rules() + n.nat_rules();
-            totals.filter_rules = totals.filter_rules - o.filter_rules() + n.filter_rules();
-            totals.no_local_internal = totals.no_local_internal - usize::from(o.no_local_internal)
-                + usize::from(n.no_local_internal);
-            totals.no_local_external = totals.no_local_external - usize::from(o.no_local_external)
-                + usize::from(n.no_local_external);
+            let o: &AppliedPort = old.unwrap_or(&empty_compact);
+            let (n, nc): (&PortRecord, &AppliedPort) = match new {
+                Some((rec, compact)) => (rec, compact),
+                None => (&empty, &empty_compact),
+            };
+            totals.nat_rules = totals.nat_rules - o.nat_rules() + nc.nat_rules();
+            totals.filter_rules = totals.filter_rules - o.filter_rules() + nc.filter_rules();
+            totals.no_local_internal = totals.no_local_internal
+                - usize::from(o.no_local_internal())
+                + usize::from(nc.no_local_internal());
+            totals.no_local_external = totals.no_local_external
+                - usize::from(o.no_local_external())
+                + usize::from(nc.no_local_external());
 
-            for (d, spec) in &o.dispatch {
-                if !n.dispatch.iter().any(|(nd, ns)| nd == d && ns == spec) {
+            for (d, spec) in o.dispatch() {
+                if !nc.has_dispatch(d, spec) {
                     let buf = if d.is_nat() {
                         &mut nat_del
                     } else {
@@ -924,9 +946,9 @@ impl Planner {
                     counts.rules_deleted += 1;
                 }
             }
-            for (name, rules) in &n.chains {
-                let unchanged = o.chains.iter().any(|(on, or)| on == name && or == rules);
-                if unchanged {
+            // `nc.chains()` are the digests of `n.chains`, in the same order.
+            for ((name, rules), digest) in n.chains.iter().zip(nc.chains()) {
+                if o.chains().contains(digest) {
                     continue;
                 }
                 let _ = writeln!(nat_decl, ":{name} - [0:0]");
@@ -936,7 +958,7 @@ impl Planner {
                     counts.rules_written += 1;
                 }
             }
-            for (name, _) in &o.chains {
+            for name in o.chains().iter().map(ChainDigest::name) {
                 if !n.chains.iter().any(|(nn, _)| nn == name) {
                     // Flush first: its rules may jump to other chains being deleted.
                     let _ = writeln!(nat_decl, ":{name} - [0:0]");
@@ -945,7 +967,7 @@ impl Planner {
                 }
             }
             for (d, spec) in &n.dispatch {
-                if !o.dispatch.iter().any(|(od, os)| od == d && os == spec) {
+                if !o.has_dispatch(*d, spec) {
                     match d {
                         // Keeps the NodePort jump the last rule.
                         Dispatch::NatServices => {
@@ -1003,7 +1025,7 @@ impl Planner {
             update: AppliedUpdate::Patch(AppliedPatch {
                 ports: patch
                     .into_iter()
-                    .map(|(name, _, new)| (name, new))
+                    .map(|(name, _, new)| (name, new.map(|(_, compact)| compact)))
                     .collect(),
                 totals,
             }),

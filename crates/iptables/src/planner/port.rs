@@ -1,7 +1,9 @@
 //! The rules of one service port: its own nat chains and its rules in the
 //! shared dispatch chains. Pure; see the module doc of [`super`] for the layout.
 
+use std::collections::hash_map::DefaultHasher;
 use std::fmt::Write as _;
+use std::hash::{Hash as _, Hasher as _};
 use std::net::IpAddr;
 
 use kproxy_model::{Endpoint, IpFamily, ServicePort};
@@ -9,7 +11,8 @@ use kproxy_model::{Endpoint, IpFamily, ServicePort};
 use super::names::PortChains;
 use super::{Dispatch, PlannerConfig, MARK_MASQ};
 
-/// What one service port contributes to the kernel.
+/// What one service port contributes to the kernel, as rendered (rule
+/// texts included); kept between syncs only as an [`AppliedPort`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortRecord {
     /// Its nat chains with their rules (rulespecs without `-A CHAIN`), in
@@ -41,6 +44,115 @@ impl PortRecord {
         if !self.dispatch.iter().any(|(od, os)| *od == d && *os == spec) {
             self.dispatch.push((d, spec));
         }
+    }
+}
+
+/// A service-port chain as the [`super::Applied`] record keeps it: its name,
+/// its rule count and a hash of its rules, instead of the rule texts (≈ 30 MB
+/// at 10k services × 10 endpoints). Enough for a partial plan to tell whether
+/// a freshly rendered chain differs from the one in the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainDigest {
+    name: Box<str>,
+    rules: usize,
+    hash: u64,
+}
+
+impl ChainDigest {
+    pub fn of(name: &str, rules: &[String]) -> ChainDigest {
+        // SipHash-1-3 with fixed keys (`DefaultHasher::new`): the hash only
+        // has to agree within one process. Each rule is hashed with str's
+        // terminator (0xff, never in UTF-8), so rule boundaries count too;
+        // two different rule lists of one chain collide with chance 2^-64,
+        // and a collision would only keep that port's previous rules.
+        let mut h = DefaultHasher::new();
+        for r in rules {
+            r.as_str().hash(&mut h);
+        }
+        ChainDigest {
+            name: name.into(),
+            rules: rules.len(),
+            hash: h.finish(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many rules the chain holds.
+    pub fn rules(&self) -> usize {
+        self.rules
+    }
+}
+
+/// What one service port contributes to the kernel, as the
+/// [`super::Applied`] record keeps it between syncs: its chains as
+/// [`ChainDigest`]s, its dispatch rules verbatim (a partial plan deletes them
+/// with `-D`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AppliedPort {
+    chains: Box<[ChainDigest]>,
+    dispatch: Box<[(Dispatch, Box<str>)]>,
+    endpoints: usize,
+    no_local_internal: bool,
+    no_local_external: bool,
+}
+
+impl AppliedPort {
+    pub fn of(rec: &PortRecord) -> AppliedPort {
+        AppliedPort {
+            chains: rec
+                .chains
+                .iter()
+                .map(|(name, rules)| ChainDigest::of(name, rules))
+                .collect(),
+            dispatch: rec
+                .dispatch
+                .iter()
+                .map(|(d, spec)| (*d, spec.as_str().into()))
+                .collect(),
+            endpoints: rec.endpoints,
+            no_local_internal: rec.no_local_internal,
+            no_local_external: rec.no_local_external,
+        }
+    }
+
+    /// Its nat chains, in the order they are written.
+    pub fn chains(&self) -> &[ChainDigest] {
+        &self.chains
+    }
+
+    /// Its rules in the shared chains.
+    pub fn dispatch(&self) -> impl Iterator<Item = (Dispatch, &str)> {
+        self.dispatch.iter().map(|(d, spec)| (*d, &**spec))
+    }
+
+    pub fn has_dispatch(&self, d: Dispatch, spec: &str) -> bool {
+        self.dispatch
+            .iter()
+            .any(|(od, os)| *od == d && **os == *spec)
+    }
+
+    pub fn endpoints(&self) -> usize {
+        self.endpoints
+    }
+
+    pub fn no_local_internal(&self) -> bool {
+        self.no_local_internal
+    }
+
+    pub fn no_local_external(&self) -> bool {
+        self.no_local_external
+    }
+
+    pub fn nat_rules(&self) -> usize {
+        self.chains.iter().map(|c| c.rules).sum::<usize>()
+            + self.dispatch.iter().filter(|(d, _)| d.is_nat()).count()
+    }
+
+    pub fn filter_rules(&self) -> usize {
+        self.dispatch.iter().filter(|(d, _)| !d.is_nat()).count()
     }
 }
 
@@ -517,5 +629,38 @@ fn endpoint_rules(
             }
         }
         rules.push(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(name: &str, rules: &[&str]) -> ChainDigest {
+        let rules: Vec<String> = rules.iter().map(|r| r.to_string()).collect();
+        ChainDigest::of(name, &rules)
+    }
+
+    #[test]
+    fn chain_digest_tells_rule_lists_apart() {
+        let base = digest("KUBE-SVC-A", &["-j X", "-j Y"]);
+        assert_eq!(base, digest("KUBE-SVC-A", &["-j X", "-j Y"]));
+        assert_eq!(base.rules(), 2);
+        for other in [
+            digest("KUBE-SVC-A", &["-j Y", "-j X"]),
+            digest("KUBE-SVC-A", &["-j X", "-j Z"]),
+            digest("KUBE-SVC-A", &["-j X -j Y"]),
+            digest("KUBE-SVC-A", &["-j X", "-j Y", ""]),
+            digest("KUBE-SVC-A", &["-j X", "-j", "Y"]),
+            digest("KUBE-SVC-B", &["-j X", "-j Y"]),
+        ] {
+            assert_ne!(base, other, "{other:?}");
+        }
+        // Rule boundaries count, not only the concatenated text.
+        assert_ne!(
+            digest("C", &["ab", "c"]).hash,
+            digest("C", &["a", "bc"]).hash
+        );
+        assert_ne!(digest("C", &[]).hash, digest("C", &[""]).hash);
     }
 }
