@@ -47,7 +47,9 @@ pub struct ServiceUpdate {
 struct SliceEntry {
     /// The last valid version, kept while the current one is invalid.
     valid: Option<Arc<ParsedSlice>>,
-    rejection: Option<Rejection>,
+    /// Boxed, like the service's: rejections are rare, and inline they
+    /// would make every entry 80 bytes larger.
+    rejection: Option<Box<Rejection>>,
 }
 
 /// A service's slices by name, sorted. A Vec, not a BTreeMap: most
@@ -105,8 +107,8 @@ struct ServiceEntry {
     /// eleven (≈ 1.5 kB per service at 10k services).
     claims: Box<[(Claim, Claimant)]>,
     /// The parts lost to older services, if any.
-    conflict: Option<Rejection>,
-    rejection: Option<Rejection>,
+    conflict: Option<Box<Rejection>>,
+    rejection: Option<Box<Rejection>>,
     /// By slice name, sorted (see [`SliceEntries`]).
     slices: SliceEntries,
     /// Keys this service has in the state.
@@ -258,13 +260,13 @@ impl StateBuilder {
                 }),
             },
         };
-        if rejection != entry.rejection {
-            replace_rejection(rejections, entry.rejection.as_ref(), rejection.as_ref());
+        if rejection.as_ref() != entry.rejection.as_deref() {
+            replace_rejection(rejections, entry.rejection.as_deref(), rejection.as_ref());
             // A deletion clears its rejection silently.
             if service.is_some() {
                 update.new_rejections.extend(rejection.clone());
             }
-            entry.rejection = rejection;
+            entry.rejection = rejection.map(Box::new);
         }
 
         // Its slices: exactly the ones given now, each either valid or kept
@@ -291,16 +293,16 @@ impl StateBuilder {
                     reason: reason.clone(),
                 }),
             };
-            if rejection != se.rejection {
-                replace_rejection(rejections, se.rejection.as_ref(), rejection.as_ref());
+            if rejection.as_ref() != se.rejection.as_deref() {
+                replace_rejection(rejections, se.rejection.as_deref(), rejection.as_ref());
                 update.new_rejections.extend(rejection.clone());
-                se.rejection = rejection;
+                se.rejection = rejection.map(Box::new);
             }
             entry.slices.insert(slice.name.clone(), se);
         }
         // Slices that are gone: forget them and their rejections.
         for se in old_slices.into_values() {
-            replace_rejection(rejections, se.rejection.as_ref(), None);
+            replace_rejection(rejections, se.rejection.as_deref(), None);
         }
 
         // Conflicts: register what the valid version claims; the services
@@ -439,14 +441,14 @@ impl StateBuilder {
             }),
             _ => None,
         };
-        if conflict != entry.conflict {
+        if conflict.as_ref() != entry.conflict.as_deref() {
             replace_rejection(
                 &mut self.state.rejections,
-                entry.conflict.as_ref(),
+                entry.conflict.as_deref(),
                 conflict.as_ref(),
             );
             new_rejections.extend(conflict.clone());
-            entry.conflict = conflict;
+            entry.conflict = conflict.map(Box::new);
         }
         changed
     }

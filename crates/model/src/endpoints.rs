@@ -36,10 +36,30 @@ pub struct ParsedEndpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    /// `hints.forZones[].name`; empty when the endpoint has no zone hint.
-    pub zone_hints: Box<[String]>,
-    /// `hints.forNodes[].name`; empty when the endpoint has no node hint.
-    pub node_hints: Box<[String]>,
+    /// Boxed: most endpoints have no hints, and inline they would double
+    /// the size of every parsed endpoint.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hints {
+    /// `hints.forZones[].name`.
+    pub zones: Box<[String]>,
+    /// `hints.forNodes[].name`.
+    pub nodes: Box<[String]>,
+}
+
+impl ParsedEndpoint {
+    /// Empty when the endpoint has no zone hint.
+    pub fn zone_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.zones)
+    }
+
+    /// Empty when the endpoint has no node hint.
+    pub fn node_hints(&self) -> &[String] {
+        self.hints.as_deref().map_or(&[], |h| &h.nodes)
+    }
 }
 
 /// Validates and parses one slice. `namespace` is the Service's: a slice
@@ -172,26 +192,27 @@ pub fn parse_slice(
         let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
         let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
         let hints = ep.hints.as_ref();
-        let zone_hints = hints
+        let zones: Box<[String]> = hints
             .and_then(|h| h.for_zones.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|z| z.name.clone())
             .collect();
-        let node_hints = hints
+        let nodes: Box<[String]> = hints
             .and_then(|h| h.for_nodes.as_deref())
             .unwrap_or_default()
             .iter()
             .map(|n| n.name.clone())
             .collect();
+        let hints =
+            (!zones.is_empty() || !nodes.is_empty()).then(|| Box::new(Hints { zones, nodes }));
         endpoints.push(ParsedEndpoint {
             ip,
             is_local: !node_name.is_empty() && ep.node_name.as_deref() == Some(node_name),
             ready,
             serving,
             terminating,
-            zone_hints,
-            node_hints,
+            hints,
         });
     }
 
@@ -277,14 +298,14 @@ fn topology_mode(candidates: &[(Endpoint, &ParsedEndpoint)], node: &NodeInfo) ->
             continue;
         }
         has_ready = true;
-        if pe.node_hints.is_empty() {
+        if pe.node_hints().is_empty() {
             all_node_hints = false;
-        } else if pe.node_hints.contains(&node.name) {
+        } else if pe.node_hints().contains(&node.name) {
             for_node = true;
         }
-        if pe.zone_hints.is_empty() {
+        if pe.zone_hints().is_empty() {
             all_zone_hints = false;
-        } else if pe.zone_hints.iter().any(|z| z == zone) {
+        } else if pe.zone_hints().iter().any(|z| z == zone) {
             for_zone = true;
         }
     }
@@ -302,10 +323,10 @@ fn topology_mode(candidates: &[(Endpoint, &ParsedEndpoint)], node: &NodeInfo) ->
 fn available(pe: &ParsedEndpoint, mode: Topology, node: &NodeInfo) -> bool {
     match mode {
         Topology::None => true,
-        Topology::SameNode => pe.node_hints.contains(&node.name),
+        Topology::SameNode => pe.node_hints().contains(&node.name),
         Topology::SameZone => {
             let zone = node.zone.as_deref().unwrap_or_default();
-            pe.zone_hints.iter().any(|z| z == zone)
+            pe.zone_hints().iter().any(|z| z == zone)
         }
     }
 }
