@@ -79,6 +79,53 @@ impl CommandOutput {
     }
 }
 
+/// What a child reads on stdin, written by a thread while the child runs.
+/// A source may produce its bytes on demand, so that an input as large as
+/// a full restore (≈ 17 MB at 10k services) never has to exist as one
+/// buffer. It must write the same bytes every time: after a failed restore
+/// it is written again to find the refused line.
+pub trait StdinSource: Sync {
+    fn write_to(&self, w: &mut dyn Write) -> io::Result<()>;
+
+    /// The whole input, when it is held as one text anyway.
+    fn as_text(&self) -> Option<&str> {
+        None
+    }
+}
+
+impl StdinSource for &str {
+    fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(self.as_bytes())
+    }
+
+    fn as_text(&self) -> Option<&str> {
+        Some(self)
+    }
+}
+
+impl StdinSource for String {
+    fn write_to(&self, w: &mut dyn Write) -> io::Result<()> {
+        w.write_all(self.as_bytes())
+    }
+
+    fn as_text(&self) -> Option<&str> {
+        Some(self)
+    }
+}
+
+/// A source's whole text: borrowed when it holds one, else written again.
+fn source_text(input: &dyn StdinSource) -> std::borrow::Cow<'_, str> {
+    match input.as_text() {
+        Some(text) => text.into(),
+        None => {
+            let mut bytes = Vec::new();
+            // Writing into a Vec does not fail.
+            let _ = input.write_to(&mut bytes);
+            String::from_utf8_lossy(&bytes).into_owned().into()
+        }
+    }
+}
+
 /// The seam between the applier and the processes it starts.
 pub trait CommandRunner: fmt::Debug + Send + Sync {
     /// Runs `program` with `args`, feeding `stdin` if given, and waits for it.
@@ -86,7 +133,7 @@ pub trait CommandRunner: fmt::Debug + Send + Sync {
         &self,
         program: &str,
         args: &[String],
-        stdin: Option<&[u8]>,
+        stdin: Option<&dyn StdinSource>,
     ) -> io::Result<CommandOutput>;
 
     /// Whether `program` can be run (is an executable on the search path).
@@ -148,7 +195,7 @@ impl CommandRunner for SystemCommandRunner {
         &self,
         program: &str,
         args: &[String],
-        stdin: Option<&[u8]>,
+        stdin: Option<&dyn StdinSource>,
     ) -> io::Result<CommandOutput> {
         let path = self.resolve(program).ok_or_else(|| {
             io::Error::new(io::ErrorKind::NotFound, format!("{program} not found"))
@@ -166,12 +213,16 @@ impl CommandRunner for SystemCommandRunner {
         let mut child = cmd.spawn()?;
         // Feed stdin from another thread: a large input and a chatty child
         // would otherwise deadlock on full pipes. A scoped thread borrows
-        // the input: a full restore at 10k services is ≈ 16 MB, and a copy
+        // the input: a full restore at 10k services is ≈ 17 MB, and a copy
         // would add that much to the sync's peak RSS.
         let pipe = child.stdin.take();
         let (out, written) = std::thread::scope(|scope| {
             let writer = match (stdin, pipe) {
-                (Some(input), Some(mut pipe)) => Some(scope.spawn(move || pipe.write_all(input))),
+                (Some(input), Some(pipe)) => Some(scope.spawn(move || {
+                    let mut w = io::BufWriter::with_capacity(64 * 1024, pipe);
+                    input.write_to(&mut w)?;
+                    w.flush()
+                })),
                 _ => None,
             };
             let out = child.wait_with_output();
@@ -508,7 +559,7 @@ impl Iptables {
         &self,
         program: &str,
         args: Vec<String>,
-        stdin: Option<&[u8]>,
+        stdin: Option<&dyn StdinSource>,
     ) -> Result<CommandOutput, IptablesError> {
         self.runner
             .run(program, &args, stdin)
@@ -539,6 +590,12 @@ impl Iptables {
     /// flushed and rewritten, everything else is left alone. On failure
     /// nothing was applied and the error names the refused input line.
     pub fn restore(&self, text: &str) -> Result<RestoreOutcome, IptablesError> {
+        self.restore_from(&text)
+    }
+
+    /// [`Iptables::restore`] of the text `input` writes; on failure it is
+    /// written again to name the refused line.
+    pub fn restore_from(&self, input: &dyn StdinSource) -> Result<RestoreOutcome, IptablesError> {
         let program = self.restore_program();
         let mut args = vec!["--noflush".to_string(), "--counters".to_string()];
         args.extend(self.wait_args());
@@ -548,12 +605,12 @@ impl Iptables {
         let contended_before = self.backend == Backend::Legacy
             && xtables_lock_contended(self.runner.env("XTABLES_LOCKFILE"));
         let start = Instant::now();
-        let out = self.run(&program, args.clone(), Some(text.as_bytes()))?;
+        let out = self.run(&program, args.clone(), Some(input))?;
         let duration = start.elapsed();
         let stderr = String::from_utf8_lossy(&out.stderr);
         if !out.success() {
-            let line =
-                parse_failed_line(&stderr).and_then(|n| locate_failed_line(text, n, &stderr));
+            let line = parse_failed_line(&stderr)
+                .and_then(|n| locate_failed_line(&source_text(input), n, &stderr));
             let err = self.failed(&program, args, &out, line);
             warn!(error = %err, "iptables-restore failed");
             return Err(err);

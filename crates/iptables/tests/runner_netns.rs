@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kproxy_iptables::runner::{
     parse_save, Backend, BackendPreference, Iptables, IptablesError, JumpRule, Position,
-    SystemCommandRunner,
+    StdinSource, SystemCommandRunner,
 };
 use kproxy_model::IpFamily;
 use kproxy_testkit::netns::{skip_unless_root, Netns};
@@ -372,6 +372,29 @@ fn fake_restore_failure_and_lock_message() {
         }
         other => panic!("{other:?}"),
     }
+
+    // Input written on demand (no text held) reaches stdin the same, and the
+    // refused line is found by writing it again.
+    struct Lines(&'static [&'static str]);
+    impl StdinSource for Lines {
+        fn write_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
+            for l in self.0 {
+                w.write_all(l.as_bytes())?;
+                w.write_all(b"\n")?;
+            }
+            Ok(())
+        }
+    }
+    let lines = Lines(&["*nat", ":A - [0:0]", "-A A -j BROKEN", "COMMIT"]);
+    let err = ipt.restore_from(&lines).unwrap_err();
+    assert_eq!(
+        err.failed_line().map(|l| (l.number, l.text.as_str())),
+        Some((3, "-A A -j BROKEN"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("input")).unwrap(),
+        text
+    );
 
     // A restore that succeeded after printing the lock message reports a wait.
     script(
