@@ -136,6 +136,15 @@ fn main() {
         .collect();
 
     let base = live();
+    // Streamed, as a full sync without chains to adopt applies it: planned,
+    // then written through the runner's 64 KiB pipe buffer (here to a sink).
+    reset_peak();
+    let streamed = planner.plan_full_streamed(&st, &ExistingChains::default());
+    let mut pipe = std::io::BufWriter::with_capacity(64 * 1024, std::io::sink());
+    streamed.write_to(&mut pipe).expect("sink");
+    let streamed_peak = PEAK.load(Ordering::Relaxed) - base;
+    drop((pipe, streamed));
+
     reset_peak();
     let plan = planner.plan_full(&st, &ExistingChains::default());
     let plan_peak = PEAK.load(Ordering::Relaxed) - base;
@@ -173,6 +182,10 @@ fn main() {
     println!(
         "  full plan, peak while planning: {:>8.1} MB",
         mb(plan_peak)
+    );
+    println!(
+        "  streamed full plan, peak while planning and writing: {:.1} MB",
+        mb(streamed_peak)
     );
     println!(
         "  full plan, text + update:       {:>8.1} MB",

@@ -136,6 +136,20 @@ fn main() {
     }
 
     println!();
+    println!("streamed full plan (planned, then written to a sink through a 64 KiB buffer)");
+    println!("{:>7} {:>10}", "N", "ms");
+    for n in [10_000usize, 50_000] {
+        let st = state(n);
+        let (t, written) = best(3, || {
+            let plan = planner.plan_full_streamed(black_box(&st), &ExistingChains::default());
+            let mut w = std::io::BufWriter::with_capacity(64 * 1024, std::io::sink());
+            plan.write_to(&mut w).map(|_| plan.text_len())
+        });
+        assert!(written.is_ok());
+        println!("{:>7} {:>10.1}", n, t.as_secs_f64() * 1e3);
+    }
+
+    println!();
     println!("partial plan: one endpoint of one service changes");
     println!(
         "{:>7} {:>12} {:>12} {:>14} {:>12} {:>12}",

@@ -24,7 +24,17 @@ fn full(cfg: PlannerConfig, st: &FamilyState) -> String {
 
 fn full_with(cfg: PlannerConfig, st: &FamilyState, existing: &ExistingChains) -> String {
     let planner = Planner::new(cfg).expect("valid config");
-    planner.plan_full(st, existing).text
+    let plan = planner.plan_full(st, existing);
+    // The streamed plan writes the same text and records the same.
+    let streamed = planner.plan_full_streamed(st, existing);
+    assert_eq!(streamed.text(), plan.text);
+    assert_eq!(streamed.text_len(), plan.text.len());
+    assert_eq!(streamed.counts, plan.counts);
+    let (mut a, mut b) = (None, None);
+    plan.update.apply_to(&mut a);
+    streamed.update.apply_to(&mut b);
+    assert_eq!(a, b);
+    plan.text
 }
 
 fn golden(name: &str, text: &str) {

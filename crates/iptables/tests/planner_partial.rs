@@ -429,6 +429,10 @@ proptest! {
         // A full resync over the partially-built kernel lands in the same place
         // (and deletes nothing it should keep).
         let resync = planner.plan_full(&prev_state, &applied.existing_chains());
+        let streamed = planner.plan_full_streamed(&prev_state, &applied.existing_chains());
+        let mut written = Vec::new();
+        streamed.write_to(&mut written).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(String::from_utf8_lossy(&written), resync.text.as_str());
         k.apply(&resync.text).map_err(TestCaseError::fail)?;
         prop_assert_eq!(canonical(&k), canonical(&fresh));
     }

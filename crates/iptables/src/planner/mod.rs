@@ -438,6 +438,98 @@ impl Applied {
     }
 }
 
+/// A full plan in parts: its text is `head`, then the chain rules of every
+/// service port (`body_len` bytes), then `end` (stale chains' `-X`, the
+/// last `COMMIT`).
+struct FullParts {
+    large: bool,
+    head: String,
+    body_len: usize,
+    end: String,
+    counts: PlanCounts,
+    applied: Applied,
+}
+
+/// A full plan that does not hold its text: the chain rules of the service
+/// ports, nearly all of it, are rendered again while it is written
+/// ([`StreamedPlan::write_to`], straight into iptables-restore's stdin).
+/// The same bytes as [`Planner::plan_full`]'s text without a buffer of them
+/// (≈ 17 MB at 10k services × 10 endpoints), for a second rendering of
+/// every port (≈ 40 ms there).
+#[derive(Debug)]
+pub struct StreamedPlan<'a> {
+    planner: &'a Planner,
+    ports: &'a FamilyState,
+    large: bool,
+    head: String,
+    body_len: usize,
+    end: String,
+    pub counts: PlanCounts,
+    pub update: AppliedUpdate,
+}
+
+impl StreamedPlan<'_> {
+    /// The length of the text in bytes.
+    pub fn text_len(&self) -> usize {
+        self.head.len() + self.body_len + self.end.len()
+    }
+
+    pub fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        self.write_with(|s| w.write_all(s.as_bytes()))
+    }
+
+    /// The whole text, as [`Planner::plan_full`] would hold it.
+    pub fn text(&self) -> String {
+        let mut out = String::with_capacity(self.text_len());
+        let _ = self.write_with(|s| {
+            out.push_str(s);
+            Ok(())
+        });
+        out
+    }
+
+    fn write_with(&self, mut put: impl FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
+        put(&self.head)?;
+        let ctx = self.planner.ctx(self.large);
+        let mut buf = String::new();
+        for sp in self.ports.values() {
+            let Some(rec) = port::render(&ctx, sp) else {
+                continue;
+            };
+            buf.clear();
+            push_chain_rules(&rec, &mut buf);
+            put(&buf)?;
+        }
+        put(&self.end)
+    }
+}
+
+/// The bytes [`push_chain_rules`] writes for `rec`.
+fn chain_rules_len(rec: &PortRecord) -> usize {
+    rec.chains
+        .iter()
+        .map(|(c, rules)| {
+            rules
+                .iter()
+                .map(|r| "-A ".len() + c.len() + 1 + r.len() + 1)
+                .sum::<usize>()
+        })
+        .sum()
+}
+
+/// `-A CHAIN rule` lines of a service port's own chains.
+fn push_chain_rules(rec: &PortRecord, out: &mut String) {
+    for (chain, rules) in &rec.chains {
+        for r in rules {
+            out.push_str("-A ");
+            out.push_str(chain);
+            out.push(' ');
+            out.push_str(r);
+            out.push('\n');
+        }
+    }
+}
+
 /// Makes room for `need` more bytes in `buf`, which holds the text of `done`
 /// of `total` items: once the first items show their size, by what the rest
 /// needs at the average so far (at least a quarter more, for uneven items),
@@ -676,6 +768,49 @@ impl Planner {
     /// Writes everything kproxy owns and deletes owned service chains in
     /// `existing` that are no longer wanted.
     pub fn plan_full(&self, ports: &FamilyState, existing: &ExistingChains) -> Plan {
+        let mut body = String::new();
+        let parts = self.full(ports, existing, Some(&mut body));
+        // Head in front of the body, in the body's buffer: one move of the
+        // body instead of a second copy of it.
+        let mut text = body;
+        text.reserve_exact(parts.head.len() + parts.end.len());
+        text.insert_str(0, &parts.head);
+        text.push_str(&parts.end);
+        Plan {
+            kind: SyncKind::Full,
+            text,
+            counts: parts.counts,
+            update: AppliedUpdate::Replace(Box::new(parts.applied)),
+        }
+    }
+
+    /// [`Planner::plan_full`] without holding the text: see [`StreamedPlan`].
+    pub fn plan_full_streamed<'a>(
+        &'a self,
+        ports: &'a FamilyState,
+        existing: &ExistingChains,
+    ) -> StreamedPlan<'a> {
+        let parts = self.full(ports, existing, None);
+        StreamedPlan {
+            planner: self,
+            ports,
+            large: parts.large,
+            head: parts.head,
+            body_len: parts.body_len,
+            end: parts.end,
+            counts: parts.counts,
+            update: AppliedUpdate::Replace(Box::new(parts.applied)),
+        }
+    }
+
+    /// A full plan in parts; the service ports' chain rules (the body) are
+    /// appended to `body` if given.
+    fn full(
+        &self,
+        ports: &FamilyState,
+        existing: &ExistingChains,
+        mut body: Option<&mut String>,
+    ) -> FullParts {
         let endpoints: usize = ports.values().map(|sp| sp.endpoints.all.len()).sum();
         let large = self.is_large(endpoints);
         let ctx = self.ctx(large);
@@ -689,13 +824,12 @@ impl Planner {
         };
         let mut bufs: BTreeMap<Dispatch, String> =
             Dispatch::ALL.iter().map(|d| (*d, String::new())).collect();
-        // The service ports' own chain rules, the bulk of the text and its
-        // end: each port is rendered, written here and kept only as an
-        // `AppliedPort`, so the rule texts of all ports never exist as
-        // separate strings at once. The head (declarations, dispatch) is
-        // put in front of it at the end.
-        let mut body = String::new();
+        // The service ports' own chain rules are the bulk of the text and
+        // come last: each port is rendered, its chain rules written to
+        // `body` and the port kept only as an `AppliedPort`, so the rule
+        // texts of all ports never exist as separate strings at once.
         let mut rendered = 0usize;
+        let mut body_len = 0usize;
         let records: BTreeMap<ServicePortName, AppliedPort> = ports
             .iter()
             .filter_map(|(name, sp)| {
@@ -709,20 +843,11 @@ impl Planner {
                         b.push('\n');
                     }
                 }
-                let len: usize = rec
-                    .chains
-                    .iter()
-                    .map(|(c, rules)| rules.iter().map(|r| c.len() + r.len() + 5).sum::<usize>())
-                    .sum();
-                reserve_by_average(&mut body, len, rendered, ports.len());
-                for (chain, rules) in &rec.chains {
-                    for r in rules {
-                        body.push_str("-A ");
-                        body.push_str(chain);
-                        body.push(' ');
-                        body.push_str(r);
-                        body.push('\n');
-                    }
+                let len = chain_rules_len(&rec);
+                body_len += len;
+                if let Some(body) = body.as_deref_mut() {
+                    reserve_by_average(body, len, rendered, ports.len());
+                    push_chain_rules(&rec, body);
                 }
                 rendered += 1;
                 totals.nat_rules += rec.nat_rules();
@@ -829,18 +954,13 @@ impl Planner {
         if let Some(b) = bufs.get(&Dispatch::NatNodePorts) {
             out.push_str(b);
         }
-        drop(bufs);
-        // Head in front of the body, in the body's buffer: one move of the
-        // body instead of a second copy of it.
-        let end_len = stale.iter().map(|n| n.len() + 4).sum::<usize>() + "COMMIT\n".len();
-        let mut text = body;
-        text.reserve_exact(out.len() + end_len);
-        text.insert_str(0, &out);
-        drop(out);
+        let mut end = String::with_capacity(
+            stale.iter().map(|n| n.len() + 4).sum::<usize>() + "COMMIT\n".len(),
+        );
         for name in &stale {
-            let _ = writeln!(text, "-X {name}");
+            let _ = writeln!(end, "-X {name}");
         }
-        text.push_str("COMMIT\n");
+        end.push_str("COMMIT\n");
         rules_written += totals.nat_rules + totals.filter_rules;
 
         counts.chains_deleted = stale.len();
@@ -857,11 +977,13 @@ impl Planner {
             ports: records,
             totals,
         };
-        Plan {
-            kind: SyncKind::Full,
-            text,
+        FullParts {
+            large,
+            head: out,
+            body_len,
+            end,
             counts,
-            update: AppliedUpdate::Replace(Box::new(applied)),
+            applied,
         }
     }
 
