@@ -14,7 +14,9 @@
 //! out every chain whose rules the kernel already holds (compared in their
 //! normalised form, see [`crate::normalize`]): unchanged chains are neither
 //! redeclared nor refilled, so their packet counters survive a restart. The [`Applied`]
-//! record is the full plan's either way.
+//! record is the full plan's either way. Every other full sync (nothing to
+//! adopt) streams its plan into iptables-restore ([`StreamedPlan`]) instead
+//! of holding its text.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -27,14 +29,14 @@ use kproxy_model::{
 use tracing::{debug, info, warn};
 
 use crate::conntrack::{ConntrackCleaner, UdpServiceTarget};
-use crate::normalize::unchanged_chains;
+use crate::normalize::{is_dispatch, unchanged_chains};
 use crate::planner::{
-    Applied, AppliedUpdate, ExistingChains, JumpSpec, LocalDetector, Plan, PlanError, Planner,
-    PlannerConfig, Table, CANARY,
+    is_service_chain, Applied, AppliedUpdate, ExistingChains, JumpSpec, LocalDetector, Plan,
+    PlanCounts, PlanError, Planner, PlannerConfig, StreamedPlan, Table, CANARY,
 };
 use crate::runner::{
     parse_save_tables, BackendPreference, Iptables, IptablesError, JumpRule, Position,
-    RestoreOutcome,
+    RestoreOutcome, StdinSource,
 };
 
 /// Why the applier failed, reduced to what the proxier reports.
@@ -58,8 +60,8 @@ impl From<IptablesError> for ApplyError {
 /// The kernel seam of one family: implemented for the runner's [`Iptables`],
 /// and by a recording fake in tests.
 pub trait RuleApplier: Send {
-    /// `iptables-restore --noflush --counters` of `text`.
-    fn restore(&self, text: &str) -> Result<RestoreOutcome, ApplyError>;
+    /// `iptables-restore --noflush --counters` of what `input` writes.
+    fn restore(&self, input: &dyn StdinSource) -> Result<RestoreOutcome, ApplyError>;
     /// `iptables-save -t table`.
     fn save(&self, table: Table) -> Result<String, ApplyError>;
     /// Adds the missing jumps from built-in chains.
@@ -89,8 +91,8 @@ pub fn jump_rule(spec: &JumpSpec) -> JumpRule {
 }
 
 impl RuleApplier for Iptables {
-    fn restore(&self, text: &str) -> Result<RestoreOutcome, ApplyError> {
-        Ok(Iptables::restore(self, text)?)
+    fn restore(&self, input: &dyn StdinSource) -> Result<RestoreOutcome, ApplyError> {
+        Ok(Iptables::restore_from(self, input)?)
     }
 
     fn save(&self, table: Table) -> Result<String, ApplyError> {
@@ -292,6 +294,18 @@ impl FamilyProxier {
         self.kernel_rules = Some(rules);
     }
 
+    /// Whether this full sync may find chains to adopt: the kernel (as read
+    /// before the first full sync) holds a dispatch or service chain, i.e.
+    /// kube-proxy or kproxy ran before. Fixed chains alone (kubelet's
+    /// KUBE-FIREWALL) are rewritten as every full sync does; without
+    /// chains to adopt the plan is streamed and its text never held.
+    fn may_adopt(&self) -> bool {
+        self.kernel_rules.as_ref().is_some_and(|k| {
+            k.keys()
+                .any(|(t, c)| is_service_chain(c) || is_dispatch(*t, c))
+        })
+    }
+
     /// Leaves the chains the kernel already holds out of a full plan.
     fn skip_unchanged(&self, plan: &mut Plan) {
         let (Some(kernel), AppliedUpdate::Replace(_)) = (&self.kernel_rules, &plan.update) else {
@@ -339,7 +353,7 @@ impl FamilyProxier {
 
         let full = self.needs_full || changes.force_full || self.applied.is_none();
         let plan = match (&self.applied, full) {
-            (Some(prev), false) => self.planner.plan_partial(prev, ports, &changed),
+            (Some(prev), false) => Pending::Text(self.planner.plan_partial(prev, ports, &changed)),
             _ => {
                 self.adopt();
                 let mut existing = ExistingChains::default();
@@ -351,13 +365,18 @@ impl FamilyProxier {
                         existing.0.extend(adopted.0.iter().cloned());
                     }
                 }
-                let mut plan = self.planner.plan_full(ports, &existing);
-                self.skip_unchanged(&mut plan);
-                plan
+                if self.may_adopt() {
+                    let mut plan = self.planner.plan_full(ports, &existing);
+                    self.skip_unchanged(&mut plan);
+                    Pending::Text(plan)
+                } else {
+                    // Nothing to leave out: no need to hold the text.
+                    Pending::Streamed(self.planner.plan_full_streamed(ports, &existing))
+                }
             }
         };
-        let kind = plan.kind;
-        let counts = plan.counts;
+        let kind = plan.kind();
+        let counts = plan.counts();
         let mut outcome = FamilyOutcome {
             kind,
             rules_written: 0,
@@ -380,9 +399,10 @@ impl FamilyProxier {
         } else {
             None
         };
-        if !plan.text.is_empty() {
-            debug!(%family, kind = kind.as_str(), bytes = plan.text.len(), "iptables-restore");
-            match self.applier.restore(&plan.text) {
+        let bytes = plan.text_len();
+        if bytes > 0 {
+            debug!(%family, kind = kind.as_str(), bytes, "iptables-restore");
+            match self.applier.restore(plan.input()) {
                 Ok(o) => outcome.lock_wait = o.lock_wait,
                 Err(e) => {
                     self.needs_full = true;
@@ -412,7 +432,7 @@ impl FamilyProxier {
                 }
             }
         }
-        plan.update.apply_to(&mut self.applied);
+        plan.into_update().apply_to(&mut self.applied);
         outcome.rules_written = counts.rules_written;
         outcome.nat_rules = counts.nat_rules;
         outcome.filter_rules = counts.filter_rules;
@@ -443,6 +463,56 @@ impl FamilyProxier {
 
 /// Rules per chain as `iptables-save` printed them.
 type KernelRules = BTreeMap<(Table, String), Vec<String>>;
+
+impl StdinSource for StreamedPlan<'_> {
+    fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        StreamedPlan::write_to(self, w)
+    }
+}
+
+/// A plan as a sync applies it: with its text, or a full plan written
+/// straight into iptables-restore's stdin.
+enum Pending<'a> {
+    Text(Plan),
+    Streamed(StreamedPlan<'a>),
+}
+
+impl Pending<'_> {
+    fn kind(&self) -> SyncKind {
+        match self {
+            Pending::Text(p) => p.kind,
+            Pending::Streamed(_) => SyncKind::Full,
+        }
+    }
+
+    fn counts(&self) -> PlanCounts {
+        match self {
+            Pending::Text(p) => p.counts,
+            Pending::Streamed(p) => p.counts,
+        }
+    }
+
+    fn text_len(&self) -> usize {
+        match self {
+            Pending::Text(p) => p.text.len(),
+            Pending::Streamed(p) => p.text_len(),
+        }
+    }
+
+    fn input(&self) -> &dyn StdinSource {
+        match self {
+            Pending::Text(p) => &p.text,
+            Pending::Streamed(p) => p,
+        }
+    }
+
+    fn into_update(self) -> AppliedUpdate {
+        match self {
+            Pending::Text(p) => p.update,
+            Pending::Streamed(p) => p.update,
+        }
+    }
+}
 
 /// `text` (a full plan) without the declarations and rules of the chains in
 /// `skip`, and without tables left empty; with the number of rules and
@@ -660,6 +730,8 @@ mod tests {
         canary_present: Arc<Mutex<bool>>,
         save_nat: Arc<Mutex<String>>,
         save_filter: Arc<Mutex<String>>,
+        /// Per restore: whether its input came without a text (streamed).
+        streamed: Arc<Mutex<Vec<bool>>>,
     }
 
     impl Fake {
@@ -688,8 +760,13 @@ mod tests {
     }
 
     impl RuleApplier for Fake {
-        fn restore(&self, text: &str) -> Result<RestoreOutcome, ApplyError> {
-            self.record(Call::Restore(text.to_string()));
+        fn restore(&self, input: &dyn StdinSource) -> Result<RestoreOutcome, ApplyError> {
+            let mut bytes = Vec::new();
+            input.write_to(&mut bytes).expect("write to a Vec");
+            self.record(Call::Restore(String::from_utf8(bytes).expect("UTF-8")));
+            if let Ok(mut s) = self.streamed.lock() {
+                s.push(input.as_text().is_none());
+            }
             if let Some(line) = self
                 .fail_next_restore
                 .lock()
@@ -991,6 +1068,70 @@ mod tests {
         assert_eq!((r.kind, r1.kind), (SyncKind::Partial, SyncKind::Partial));
         assert_eq!(fake.restores(), fake1.restores());
         assert!(!fake.restores().is_empty());
+    }
+
+    #[test]
+    fn full_syncs_stream_their_text_unless_adopting() {
+        let mut st = ProxyState::default();
+        let web = put(
+            &mut st,
+            port(
+                "web",
+                Protocol::Tcp,
+                "10.96.0.1",
+                vec![ep("10.1.0.1", false)],
+            ),
+        );
+        let streamed = |f: &Fake| f.streamed.lock().map(|s| s.clone()).unwrap_or_default();
+        // Tables without service or dispatch chains: nothing to adopt, the
+        // full plan is streamed.
+        let (mut first, fake1, _) = setup();
+        if let Ok(mut s) = fake1.save_nat.lock() {
+            *s = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n".into();
+        }
+        assert!(first.sync(&st, &Changes::default()).succeeded());
+        let full_text = fake1.restores().remove(0);
+        let forced = Changes {
+            force_full: true,
+            ..Changes::default()
+        };
+        assert_eq!(first.sync(&st, &forced).kind, SyncKind::Full);
+        assert_eq!(fake1.restores()[1], full_text, "same text either way");
+        put(
+            &mut st,
+            port(
+                "web",
+                Protocol::Tcp,
+                "10.96.0.1",
+                vec![ep("10.1.0.2", false)],
+            ),
+        );
+        let r = first.sync(&st, &changes(std::slice::from_ref(&web)));
+        assert_eq!(r.kind, SyncKind::Partial);
+        assert_eq!(streamed(&fake1), [true, true, false]);
+
+        // A restart onto those rules: the plan's text is needed to leave the
+        // unchanged chains out.
+        let (mut p, fake, _) = setup();
+        if let Ok(mut s) = fake.save_nat.lock() {
+            *s = section(&full_text, "nat");
+        }
+        let r = p.sync(&st, &Changes::default());
+        assert!(r.succeeded(), "{r:?}");
+        assert_eq!(streamed(&fake), [false]);
+        assert!(
+            !section(&fake.restores()[0], "nat").contains(":KUBE-SERVICES"),
+            "nat KUBE-SERVICES adopted"
+        );
+
+        // A failed streamed restore is reported like any other.
+        if let Ok(mut f) = fake1.fail_next_restore.lock() {
+            *f = Some((3, "-A KUBE-SVC-X bad".into()));
+        }
+        let r = first.sync(&st, &forced);
+        assert!(r.failure.is_some_and(|f| f.message.contains("line 3")));
+        assert_eq!(streamed(&fake1).last(), Some(&true));
+        assert!(first.sync(&st, &Changes::default()).succeeded());
     }
 
     #[test]
