@@ -31,8 +31,9 @@ use tracing::{debug, info, warn};
 use crate::conntrack::{ConntrackCleaner, UdpServiceTarget};
 use crate::normalize::{is_dispatch, unchanged_chains};
 use crate::planner::{
-    is_service_chain, Applied, AppliedUpdate, ExistingChains, JumpSpec, LocalDetector, Plan,
-    PlanCounts, PlanError, Planner, PlannerConfig, StreamedPlan, Table, CANARY,
+    add_table_rules, is_service_chain, Applied, AppliedUpdate, ExistingChains, JumpSpec,
+    LocalDetector, Plan, PlanCounts, PlanError, Planner, PlannerConfig, StreamedPlan, Table,
+    CANARY,
 };
 use crate::runner::{
     parse_save_tables, BackendPreference, Iptables, IptablesError, JumpRule, Position,
@@ -64,9 +65,22 @@ pub trait RuleApplier: Send {
     fn restore(&self, input: &dyn StdinSource) -> Result<RestoreOutcome, ApplyError>;
     /// `iptables-save -t table`.
     fn save(&self, table: Table) -> Result<String, ApplyError>;
-    /// Adds the missing jumps from built-in chains.
+    /// The jumps from built-in chains their chain's listing lacks (see
+    /// [`MissingJumps`](crate::runner::MissingJumps)).
+    fn missing_jump_rules(&self, rules: &[JumpSpec]) -> Result<MissingJumpSpecs, ApplyError>;
+    /// Adds the missing jumps from built-in chains, one command each.
     fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError>;
     fn chain_exists(&self, table: Table, chain: &str) -> Result<bool, ApplyError>;
+}
+
+/// [`crate::runner::MissingJumps`] as planner jumps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MissingJumpSpecs {
+    /// Nothing in their chain jumps to their target: they can go into the
+    /// restore.
+    pub absent: Vec<JumpSpec>,
+    /// A differently spelled rule jumps to their target: `-C` decides.
+    pub unsure: Vec<JumpSpec>,
 }
 
 /// Turns a planner jump into the runner's rule: extra matches, upstream's
@@ -97,6 +111,23 @@ impl RuleApplier for Iptables {
 
     fn save(&self, table: Table) -> Result<String, ApplyError> {
         Ok(Iptables::save(self, table.as_str())?)
+    }
+
+    fn missing_jump_rules(&self, specs: &[JumpSpec]) -> Result<MissingJumpSpecs, ApplyError> {
+        let rules: Vec<JumpRule> = specs.iter().map(jump_rule).collect();
+        let missing = Iptables::missing_jump_rules(self, &rules)?;
+        let specs_of = |found: &[&JumpRule]| -> Vec<JumpSpec> {
+            rules
+                .iter()
+                .zip(specs)
+                .filter(|(r, _)| found.iter().any(|f| std::ptr::eq(*f, *r)))
+                .map(|(_, s)| s.clone())
+                .collect()
+        };
+        Ok(MissingJumpSpecs {
+            absent: specs_of(&missing.absent),
+            unsure: specs_of(&missing.unsure),
+        })
     }
 
     fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError> {
@@ -352,7 +383,7 @@ impl FamilyProxier {
             .collect();
 
         let full = self.needs_full || changes.force_full || self.applied.is_none();
-        let plan = match (&self.applied, full) {
+        let mut plan = match (&self.applied, full) {
             (Some(prev), false) => Pending::Text(self.planner.plan_partial(prev, ports, &changed)),
             _ => {
                 self.adopt();
@@ -387,15 +418,34 @@ impl FamilyProxier {
             lock_wait: None,
             failure: None,
         };
-        // Jumps from the built-in chains before the restore: at first start
-        // the tables are still empty, and with iptables-legacy an insert
-        // into a loaded table rewrites all of it (≈ 0.5 s per nat jump at
-        // 10k services). Missing targets are created empty and filled by
-        // the restore right after.
+        // Missing jumps from the built-in chains go into the full restore:
+        // one transaction instead of three commands per jump (≈ 4 ms each,
+        // 15 jumps per family), and with iptables-legacy an insert into a
+        // loaded table rewrites all of it (≈ 0.5 s per nat jump at 10k
+        // services). Atomic too: traffic meets the rules complete. A jump
+        // whose chain holds a differently spelled rule to the same target
+        // is checked with `-C` instead, before the restore, so that it is
+        // never added twice.
         let jump_failure = if kind == SyncKind::Full {
-            self.applier
-                .ensure_jump_rules(&self.planner.jump_rules())
-                .err()
+            match self.applier.missing_jump_rules(&self.planner.jump_rules()) {
+                Ok(missing) => {
+                    for table in [Table::Filter, Table::Nat] {
+                        let lines: String = missing
+                            .absent
+                            .iter()
+                            .filter(|j| j.table == table)
+                            .map(|j| jump_rule(j).restore_line())
+                            .collect();
+                        plan.add_table_rules(table, &lines);
+                    }
+                    if missing.unsure.is_empty() {
+                        None
+                    } else {
+                        self.applier.ensure_jump_rules(&missing.unsure).err()
+                    }
+                }
+                Err(e) => Some(e),
+            }
         } else {
             None
         };
@@ -496,6 +546,14 @@ impl Pending<'_> {
         match self {
             Pending::Text(p) => p.text.len(),
             Pending::Streamed(p) => p.text_len(),
+        }
+    }
+
+    /// See [`add_table_rules`]; only for full plans.
+    fn add_table_rules(&mut self, table: Table, lines: &str) {
+        match self {
+            Pending::Text(p) => add_table_rules(&mut p.text, table, lines),
+            Pending::Streamed(p) => p.add_table_rules(table, lines),
         }
     }
 
@@ -719,7 +777,10 @@ mod tests {
     enum Call {
         Restore(String),
         Save(Table),
+        /// Jump rules listed (how many).
         Jumps(usize),
+        /// Jump rules added one command each (how many).
+        EnsureJumps(usize),
         Canary(Table),
     }
 
@@ -732,6 +793,11 @@ mod tests {
         save_filter: Arc<Mutex<String>>,
         /// Per restore: whether its input came without a text (streamed).
         streamed: Arc<Mutex<Vec<bool>>>,
+        /// The jumps are in the built-in chains (a restore with `-I` lines
+        /// puts them there).
+        jumps_present: Arc<Mutex<bool>>,
+        /// The listing shows other rules to the jumps' targets.
+        jumps_unsure: Arc<Mutex<bool>>,
     }
 
     impl Fake {
@@ -763,7 +829,9 @@ mod tests {
         fn restore(&self, input: &dyn StdinSource) -> Result<RestoreOutcome, ApplyError> {
             let mut bytes = Vec::new();
             input.write_to(&mut bytes).expect("write to a Vec");
-            self.record(Call::Restore(String::from_utf8(bytes).expect("UTF-8")));
+            let text = String::from_utf8(bytes).expect("UTF-8");
+            let adds_jumps = text.contains("\n-I ");
+            self.record(Call::Restore(text));
             if let Ok(mut s) = self.streamed.lock() {
                 s.push(input.as_text().is_none());
             }
@@ -781,6 +849,11 @@ mod tests {
             if let Ok(mut c) = self.canary_present.lock() {
                 *c = true;
             }
+            if adds_jumps {
+                if let Ok(mut j) = self.jumps_present.lock() {
+                    *j = true;
+                }
+            }
             Ok(RestoreOutcome {
                 lock_wait: None,
                 duration: Duration::ZERO,
@@ -797,13 +870,43 @@ mod tests {
                     .unwrap_or_default(),
             })
         }
-        fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError> {
+        fn missing_jump_rules(&self, rules: &[JumpSpec]) -> Result<MissingJumpSpecs, ApplyError> {
             self.record(Call::Jumps(rules.len()));
+            let flag = |f: &Mutex<bool>| f.lock().map(|b| *b).unwrap_or(false);
+            let missing = if flag(&self.jumps_present) {
+                vec![]
+            } else {
+                rules.to_vec()
+            };
+            Ok(if flag(&self.jumps_unsure) {
+                MissingJumpSpecs {
+                    absent: vec![],
+                    unsure: missing,
+                }
+            } else {
+                MissingJumpSpecs {
+                    absent: missing,
+                    unsure: vec![],
+                }
+            })
+        }
+        fn ensure_jump_rules(&self, rules: &[JumpSpec]) -> Result<(), ApplyError> {
+            self.record(Call::EnsureJumps(rules.len()));
+            if let Ok(mut j) = self.jumps_present.lock() {
+                *j = true;
+            }
             Ok(())
         }
         fn chain_exists(&self, table: Table, _chain: &str) -> Result<bool, ApplyError> {
             self.record(Call::Canary(table));
             Ok(self.canary_present.lock().map(|c| *c).unwrap_or(false))
+        }
+    }
+
+    /// As after a previous run: the jumps from the built-in chains exist.
+    fn jumps_in_place(fake: &Fake) {
+        if let Ok(mut j) = fake.jumps_present.lock() {
+            *j = true;
         }
     }
 
@@ -1017,12 +1120,16 @@ mod tests {
         put(&mut st, port("empty", Protocol::Tcp, "10.96.0.11", vec![]));
         // A previous run's rules, as the kernel holds them.
         let (mut first, fake1, _) = setup();
+        // The jumps are in place: this test is about the chains.
+        jumps_in_place(&fake1);
         assert!(first.sync(&st, &Changes::default()).succeeded());
         let full_text = fake1.restores().remove(0);
         let fresh = first.families()[0].applied().cloned().expect("applied");
 
         // Restart with the kernel unchanged: nothing is rewritten.
         let (mut p, fake, _) = setup();
+        // The jumps are in place: this test is about the chains.
+        jumps_in_place(&fake);
         if let Ok(mut c) = fake.canary_present.lock() {
             *c = true;
         }
@@ -1086,6 +1193,8 @@ mod tests {
         // Tables without service or dispatch chains: nothing to adopt, the
         // full plan is streamed.
         let (mut first, fake1, _) = setup();
+        // The jumps are in place: this test is about the chains.
+        jumps_in_place(&fake1);
         if let Ok(mut s) = fake1.save_nat.lock() {
             *s = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-MARK-MASQ - [0:0]\nCOMMIT\n".into();
         }
@@ -1113,6 +1222,8 @@ mod tests {
         // A restart onto those rules: the plan's text is needed to leave the
         // unchanged chains out.
         let (mut p, fake, _) = setup();
+        // The jumps are in place: this test is about the chains.
+        jumps_in_place(&fake);
         if let Ok(mut s) = fake.save_nat.lock() {
             *s = section(&full_text, "nat");
         }
@@ -1156,6 +1267,8 @@ mod tests {
             ),
         );
         let (mut first, fake1, _) = setup();
+        // The jumps are in place: this test is about the chains.
+        jumps_in_place(&fake1);
         assert!(first.sync(&st, &Changes::default()).succeeded());
         let full_text = fake1.restores().remove(0);
         let svc_of = |needle: &str| -> String {
@@ -1181,6 +1294,8 @@ mod tests {
         nat_lines.swap(first_svc, first_svc + 1);
         let nat = nat_lines.join("\n") + "\n";
         let (mut p, fake, _) = setup();
+        // The jumps are in place: this test is about the chains.
+        jumps_in_place(&fake);
         if let Ok(mut s) = fake.save_nat.lock() {
             *s = nat.replace(
                 ":KUBE-PROXY-CANARY - [0:0]\n",
@@ -1372,6 +1487,49 @@ mod tests {
             r.no_local_endpoints,
             vec![("internal".to_string(), 1), ("external".to_string(), 0)]
         );
+    }
+
+    #[test]
+    fn missing_jumps_go_into_the_full_restore_once() {
+        let (mut p, fake, _) = setup();
+        let st = ProxyState::default();
+        assert!(p.sync(&st, &Changes::default()).succeeded());
+        let first = fake.restores().remove(0);
+        let nat = section(&first, "nat");
+        assert!(
+            nat.contains(
+                "-I PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+            ),
+            "{nat}"
+        );
+        assert!(
+            section(&first, "filter").contains("-I INPUT -j KUBE-FIREWALL\n"),
+            "{first}"
+        );
+        assert!(!fake
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::EnsureJumps(_))));
+        fake.clear();
+        let forced = Changes {
+            force_full: true,
+            ..Changes::default()
+        };
+        assert!(p.sync(&st, &forced).succeeded());
+        assert!(!fake.restores()[0].contains("\n-I "), "added again");
+    }
+
+    #[test]
+    fn jumps_with_a_differently_spelled_twin_are_ensured_one_by_one() {
+        let (mut p, fake, _) = setup();
+        if let Ok(mut u) = fake.jumps_unsure.lock() {
+            *u = true;
+        }
+        assert!(p
+            .sync(&ProxyState::default(), &Changes::default())
+            .succeeded());
+        assert!(fake.calls().contains(&Call::EnsureJumps(14)));
+        assert!(!fake.restores()[0].contains("\n-I "));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use kproxy_model::IpFamily;
 use tracing::{debug, warn};
 
-use crate::normalize::normalize;
+use crate::normalize::{normalize, tokenize};
 
 /// Which iptables implementation a command talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -348,6 +348,28 @@ pub struct JumpRule {
     pub position: Position,
     /// The rule's arguments after the chain, one argv entry each (no shell quoting).
     pub rulespec: Vec<String>,
+}
+
+impl JumpRule {
+    /// The rule as an `iptables-restore` line (with its newline).
+    pub fn restore_line(&self) -> String {
+        let op = match self.position {
+            Position::Prepend => "-I",
+            Position::Append => "-A",
+        };
+        format!("{op} {} {}\n", self.chain, quote_args(&self.rulespec))
+    }
+}
+
+/// Jump rules their chain's listing lacks.
+#[derive(Debug, Default)]
+pub struct MissingJumps<'a> {
+    /// Nothing in the chain jumps to their target: adding them cannot
+    /// duplicate a rule, so they may go into a restore transaction.
+    pub absent: Vec<&'a JumpRule>,
+    /// Some rule in the chain jumps to their target, spelled differently:
+    /// only `-C` can tell whether it is this one.
+    pub unsure: Vec<&'a JumpRule>,
 }
 
 /// The chains and rules of one table as `iptables-save` prints them.
@@ -723,28 +745,55 @@ impl Iptables {
         &self,
         rules: &'a [JumpRule],
     ) -> Result<Vec<&'a JumpRule>, IptablesError> {
-        let mut listed: BTreeMap<(&str, &str), BTreeSet<String>> = BTreeMap::new();
-        let mut missing = Vec::new();
+        let missing = self.missing_jump_rules(rules)?;
+        Ok(missing.absent.into_iter().chain(missing.unsure).collect())
+    }
+
+    /// The rules that `iptables -S CHAIN` of their chain does not list, split
+    /// by whether the chain has any rule jumping to the same target (see
+    /// [`MissingJumps`]). One listing per chain.
+    pub fn missing_jump_rules<'a>(
+        &self,
+        rules: &'a [JumpRule],
+    ) -> Result<MissingJumps<'a>, IptablesError> {
+        /// A chain's listed rules, normalized, and the targets they jump to.
+        #[derive(Default)]
+        struct Listing {
+            specs: BTreeSet<String>,
+            targets: BTreeSet<String>,
+        }
+        let mut listed: BTreeMap<(&str, &str), Listing> = BTreeMap::new();
+        let mut missing = MissingJumps::default();
         for rule in rules {
             let key = (rule.table.as_str(), rule.chain.as_str());
-            let specs = match listed.entry(key) {
+            let listing = match listed.entry(key) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => {
                     let args = vec!["-S".to_string(), rule.chain.clone()];
                     let prefix = format!("-A {} ", rule.chain);
-                    let listing = self.run_command(&rule.table, &args)?;
-                    e.insert(
-                        listing
-                            .lines()
-                            .filter_map(|l| l.strip_prefix(&prefix))
-                            .map(normalize)
-                            .collect(),
-                    )
+                    let text = self.run_command(&rule.table, &args)?;
+                    let mut listing = Listing::default();
+                    for spec in text.lines().filter_map(|l| l.strip_prefix(&prefix)) {
+                        let tokens = tokenize(spec);
+                        if let Some(t) = tokens.iter().skip_while(|a| *a != "-j").nth(1) {
+                            listing.targets.insert(t.clone());
+                        }
+                        listing.specs.insert(normalize(spec));
+                    }
+                    e.insert(listing)
                 }
             };
-            let spec = normalize(&quote_args(&rule.rulespec));
-            if !specs.contains(&spec) {
-                missing.push(rule);
+            if listing
+                .specs
+                .contains(&normalize(&quote_args(&rule.rulespec)))
+            {
+                continue;
+            }
+            let target = rule.rulespec.iter().skip_while(|a| *a != "-j").nth(1);
+            if target.is_some_and(|t| listing.targets.contains(t)) {
+                missing.unsure.push(rule);
+            } else {
+                missing.absent.push(rule);
             }
         }
         Ok(missing)

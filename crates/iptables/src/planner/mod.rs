@@ -488,6 +488,19 @@ impl StreamedPlan<'_> {
         out
     }
 
+    /// Adds `lines` (rules, each ending in a newline) to `table`'s
+    /// section, as [`add_table_rules`] does to a text.
+    pub fn add_table_rules(&mut self, table: Table, lines: &str) {
+        if lines.is_empty() {
+            return;
+        }
+        // The nat section starts in the head and ends in `end`.
+        match table {
+            Table::Nat => self.end.insert_str(0, lines),
+            Table::Filter => add_table_rules(&mut self.head, table, lines),
+        }
+    }
+
     fn write_with(&self, mut put: impl FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
         put(&self.head)?;
         let ctx = self.planner.ctx(self.large);
@@ -501,6 +514,37 @@ impl StreamedPlan<'_> {
             put(&buf)?;
         }
         put(&self.end)
+    }
+}
+
+/// Adds `lines` (rules, each ending in a newline) at the end of `table`'s
+/// section of a restore text, before its `COMMIT`; adds the section if the
+/// text has none. For jumps from built-in chains, which may go anywhere
+/// after the declarations.
+pub fn add_table_rules(text: &mut String, table: Table, lines: &str) {
+    if lines.is_empty() {
+        return;
+    }
+    let header = format!("*{}\n", table.as_str());
+    let section = if text.starts_with(&header) {
+        Some(0)
+    } else {
+        text.find(&format!("\n{header}")).map(|at| at + 1)
+    };
+    let commit = section.and_then(|start| {
+        let from = start + header.len();
+        if text[from..].starts_with("COMMIT\n") {
+            return Some(from);
+        }
+        text[from..].find("\nCOMMIT\n").map(|at| from + at + 1)
+    });
+    match commit {
+        Some(at) => text.insert_str(at, lines),
+        None => {
+            text.push_str(&header);
+            text.push_str(lines);
+            text.push_str("COMMIT\n");
+        }
     }
 }
 
@@ -1152,5 +1196,30 @@ impl Planner {
                 totals,
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rules_go_before_their_sections_commit() {
+        let mut text =
+            "*filter\n:A - [0:0]\nCOMMIT\n*nat\n:B - [0:0]\n-A B -j RETURN\nCOMMIT\n".to_string();
+        add_table_rules(&mut text, Table::Nat, "-I OUTPUT -j B\n");
+        add_table_rules(&mut text, Table::Filter, "-I INPUT -j A\n");
+        add_table_rules(&mut text, Table::Filter, "");
+        assert_eq!(
+            text,
+            "*filter\n:A - [0:0]\n-I INPUT -j A\nCOMMIT\n*nat\n:B - [0:0]\n-A B -j RETURN\n-I OUTPUT -j B\nCOMMIT\n"
+        );
+        // A table the text lacks gets its own section; an empty text too.
+        let mut only_nat = "*nat\nCOMMIT\n".to_string();
+        add_table_rules(&mut only_nat, Table::Filter, "-I INPUT -j A\n");
+        assert_eq!(only_nat, "*nat\nCOMMIT\n*filter\n-I INPUT -j A\nCOMMIT\n");
+        let mut empty = String::new();
+        add_table_rules(&mut empty, Table::Nat, "-I OUTPUT -j B\n");
+        assert_eq!(empty, "*nat\n-I OUTPUT -j B\nCOMMIT\n");
     }
 }
