@@ -81,6 +81,9 @@ struct Args {
     /// 10k services: its restore time grows with the square of the chains).
     #[arg(long)]
     no_upstream: bool,
+    /// Skip the restart onto the rules left by the first run.
+    #[arg(long)]
+    no_restart: bool,
     /// Keep kproxy's log of each run in this directory.
     #[arg(long)]
     log_dir: Option<PathBuf>,
@@ -552,6 +555,16 @@ struct Row {
     churn: Vec<Churn>,
     hwm_mib: f64,
     cps: f64,
+    /// A second kproxy started on the rules the first left (SIGTERM, then
+    /// start): its first sync, its peak RSS, and whether traffic flowed.
+    restart: Option<Restart>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Restart {
+    full_sync_s: f64,
+    hwm_mib: f64,
+    rules_written: f64,
 }
 
 fn run_one(args: &Args, backend: &str, n: usize, baseline_only: bool) -> Result<Row> {
@@ -799,12 +812,32 @@ fn run_one(args: &Args, backend: &str, n: usize, baseline_only: bool) -> Result<
         }
     }
     row.hwm_mib = vm_hwm_mib(pid);
-    sink.stop(&eps_ns);
     if let Some(dir) = &args.log_dir {
         let _ = std::fs::create_dir_all(dir);
         let _ = std::fs::write(dir.join(format!("kproxy-{backend}-{n}.log")), k.log());
     }
     k.terminate(Duration::from_secs(30))?;
+    if !baseline_only && !args.no_restart {
+        // A restart (upgrade, rollout) onto the rules the first run left:
+        // the first sync adopts the unchanged chains in place.
+        let mut k2 = KproxyProcess::spawn(&args.kproxy, Some(&node), &kargs)?;
+        k2.wait_healthy(Duration::from_secs(1800))?;
+        let body = metric_body(&k2);
+        let flows = node.run_in(move || (0..20).any(|_| probe(dst).is_some()))?;
+        if !flows {
+            eprintln!("warning: no traffic reaches {dst} after the restart");
+        }
+        row.restart = Some(Restart {
+            full_sync_s: sample(
+                &body,
+                "kubeproxy_sync_full_proxy_rules_duration_seconds_sum",
+            ),
+            hwm_mib: vm_hwm_mib(k2.pid()),
+            rules_written: sample(&body, "kproxy_sync_objects_written"),
+        });
+        k2.terminate(Duration::from_secs(30))?;
+    }
+    sink.stop(&eps_ns);
     drop(api);
     drop(runtime);
     Ok(row)
@@ -851,8 +884,10 @@ fn print_report(args: &Args, rows: &[Row]) {
         header.push_str(&format!(" churn {r}/s: p99 (metric), CPU s, drain s |"));
         sep.push_str("---:|");
     }
-    header.push_str(" VmHWM MiB | new conns/s to last svc |");
-    sep.push_str("---:|---:|");
+    header.push_str(
+        " VmHWM MiB | new conns/s to last svc | restart: full sync s, rules written, VmHWM MiB |",
+    );
+    sep.push_str("---:|---:|---:|");
     println!("{header}\n{sep}");
     for r in rows {
         let mut line = if r.floor_s > 0.0 {
@@ -897,6 +932,15 @@ fn print_report(args: &Args, rows: &[Row]) {
             }
         }
         line.push_str(&format!(" {:.1} | {:.0} |", r.hwm_mib, r.cps));
+        match r.restart {
+            Some(re) => line.push_str(&format!(
+                " {}, {}, {:.1} |",
+                fmt_s(re.full_sync_s),
+                re.rules_written,
+                re.hwm_mib
+            )),
+            None => line.push_str(" – |"),
+        }
         println!("{line}");
     }
     println!("\nRatios:\n");
