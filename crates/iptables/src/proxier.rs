@@ -18,7 +18,7 @@
 //! adopt) streams its plan into iptables-restore ([`StreamedPlan`]) instead
 //! of holding its text.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,7 @@ use kproxy_model::{
 use tracing::{debug, info, warn};
 
 use crate::conntrack::{ConntrackCleaner, UdpServiceTarget};
-use crate::normalize::{is_dispatch, unchanged_chains};
+use crate::normalize::{is_dispatch, unchanged_chains, HeldChain, HeldChains};
 use crate::planner::{
     add_table_rules, is_service_chain, Applied, AppliedUpdate, ExistingChains, JumpSpec,
     LocalDetector, Plan, PlanCounts, PlanError, Planner, PlannerConfig, StreamedPlan, Table,
@@ -217,7 +217,7 @@ pub struct FamilyProxier {
     /// Their rules (as `iptables-save` prints them), for that full sync to
     /// leave unchanged chains alone. Dropped after it, and after a failed
     /// apply (the retry reads the kernel again).
-    kernel_rules: Option<KernelRules>,
+    kernel_rules: Option<HeldChains>,
     needs_full: bool,
     /// Set when a full restore failed on a `-X`: someone else references a
     /// stale chain, so the retry leaves stale chains alone.
@@ -304,7 +304,7 @@ impl FamilyProxier {
             return;
         }
         let mut existing = ExistingChains::default();
-        let mut rules = KernelRules::new();
+        let mut rules = HeldChains::new();
         for table in [Table::Nat, Table::Filter] {
             match self.applier.save(table) {
                 Ok(text) => {
@@ -314,7 +314,8 @@ impl FamilyProxier {
                         .unwrap_or_default()
                         .chains
                     {
-                        rules.insert((table, chain), specs);
+                        let held = HeldChain::new(table, &chain, specs);
+                        rules.insert((table, chain), held);
                     }
                 }
                 Err(e) => warn!(family = %self.family(), table = table.as_str(), error = %e,
@@ -511,9 +512,6 @@ impl FamilyProxier {
     }
 }
 
-/// Rules per chain as `iptables-save` printed them.
-type KernelRules = BTreeMap<(Table, String), Vec<String>>;
-
 impl StdinSource for StreamedPlan<'_> {
     fn write_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
         StreamedPlan::write_to(self, w)
@@ -587,7 +585,10 @@ fn drop_chains(text: String, skip: &BTreeSet<(Table, String)>) -> (String, usize
             .collect()
     };
     let (nat, filter, none) = (skipped(Table::Nat), skipped(Table::Filter), HashSet::new());
-    let mut out = String::with_capacity(text.len());
+    // Grown as needed, not sized like `text`: after a restart most chains
+    // are unchanged and the output is small, and a second buffer the size
+    // of the plan (≈ 17 MB at 10k services) would sit beside it.
+    let mut out = String::new();
     // The current table's header and its kept lines.
     let mut header = "";
     let mut body = String::new();
