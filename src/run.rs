@@ -201,6 +201,11 @@ impl SyncLoop {
         }
         let state = builder.state();
         self.update_node_eligibility(state);
+        if applied.changes.force_full {
+            // Before the full plan too: the first one follows the initial
+            // lists, whose pages and objects are garbage by now.
+            release_free_memory();
+        }
         let report = self.proxier.sync(state, &applied.changes);
         if report.succeeded() {
             self.update_service_health(state);
@@ -307,8 +312,9 @@ fn limit_malloc_arenas() {
 /// at 10k services allocates and frees tens of MB (the first one also the
 /// list pages); glibc keeps most of it in its arenas, so without this the
 /// resident size ratchets up with each periodic full sync
-/// (benches/README.md). Only after full syncs (every 30 s by default): after
-/// partial ones under churn it made no difference (RSS 103 vs 104 MiB).
+/// (benches/README.md). Before and after full syncs (every 30 s by
+/// default): after partial ones under churn it made no difference (RSS
+/// 103 vs 104 MiB).
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim(3) takes a plain integer, touches only glibc's
