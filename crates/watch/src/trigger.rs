@@ -180,7 +180,15 @@ impl TriggerTiming {
                 None => Decision::WaitForChange,
             };
         }
-        match last.started.checked_add(self.max_interval) {
+        // From the end of the last sync once it is known, as upstream's
+        // BoundedFrequencyRunner resets its timer after a run: a full sync
+        // longer than the period (50k services on iptables-nft) must not be
+        // followed by another at once, forever.
+        let since = last
+            .took
+            .and_then(|took| last.started.checked_add(took))
+            .unwrap_or(last.started);
+        match since.checked_add(self.max_interval) {
             Some(at) if now >= at => Decision::Fire(TriggerReason::Periodic),
             Some(at) => Decision::WaitUntil(at),
             None => Decision::WaitForChange,
@@ -397,6 +405,27 @@ mod tests {
     }
 
     #[test]
+    fn the_periodic_deadline_counts_from_the_end_of_the_last_sync() {
+        let t = TriggerTiming::new(secs(1), secs(30));
+        let t0 = Instant::now();
+        // A 40 s sync: the next periodic one is 30 s after it ended.
+        let last = LastSync::started_at(t0).took(secs(40));
+        assert_eq!(
+            t.decide(t0 + secs(41), true, false, Some(last)),
+            Decision::WaitUntil(t0 + secs(70))
+        );
+        assert_eq!(
+            t.decide(t0 + secs(70), true, false, Some(last)),
+            Decision::Fire(TriggerReason::Periodic)
+        );
+        // Changes still only wait for the min interval.
+        assert_eq!(
+            t.decide(t0 + secs(41), true, true, Some(last)),
+            Decision::Fire(TriggerReason::Changes)
+        );
+    }
+
+    #[test]
     fn adaptive_window_follows_the_last_sync_duration() {
         let t = TriggerTiming::with_min(MinSyncInterval::Adaptive, MAX);
         let t0 = Instant::now();
@@ -437,14 +466,14 @@ mod tests {
             Decision::WaitUntil(t0 + ms(250))
         );
         // After idle a change still fires at once, and the periodic resync
-        // keeps its period.
+        // keeps its period, from the end of the 100 ms sync.
         assert_eq!(
             t.decide(t0 + secs(5), true, true, last(100)),
             Decision::Fire(TriggerReason::Changes)
         );
         assert_eq!(
             t.decide(t0 + secs(5), true, false, last(100)),
-            Decision::WaitUntil(t0 + MAX)
+            Decision::WaitUntil(t0 + ms(100) + MAX)
         );
     }
 
