@@ -425,6 +425,60 @@ pub fn held_chains(rules: BTreeMap<(Table, String), Vec<String>>) -> HeldChains 
         .collect()
 }
 
+/// The [`HeldChain`]s of `table` in `iptables-save` output, read line by
+/// line: the rules of digested chains are never held, only the text.
+pub fn held_chains_in_save(table: Table, text: &str) -> HeldChains {
+    use std::collections::hash_map::DefaultHasher;
+    use std::hash::{Hash, Hasher};
+    enum Acc {
+        Rules(Vec<String>),
+        Digest(usize, DefaultHasher),
+    }
+    let new_acc = |chain: &str| {
+        if is_dispatch(table, chain) {
+            Acc::Rules(Vec::new())
+        } else {
+            Acc::Digest(0, DefaultHasher::new())
+        }
+    };
+    let mut chains: BTreeMap<&str, Acc> = BTreeMap::new();
+    let mut inside = false;
+    for line in text.lines() {
+        let line = line.trim_end();
+        if let Some(name) = line.strip_prefix('*') {
+            inside = name.trim() == table.as_str();
+        } else if !inside {
+            continue;
+        } else if let Some(decl) = line.strip_prefix(':') {
+            if let Some(chain) = decl.split_whitespace().next() {
+                chains.entry(chain).or_insert_with(|| new_acc(chain));
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
+            match chains.entry(chain).or_insert_with(|| new_acc(chain)) {
+                Acc::Rules(rules) => rules.push(spec.to_string()),
+                Acc::Digest(n, h) => {
+                    *n += 1;
+                    normalize(spec).hash(h);
+                }
+            }
+        }
+    }
+    chains
+        .into_iter()
+        .map(|(chain, acc)| {
+            let held = match acc {
+                Acc::Rules(rules) => HeldChain::Rules(rules),
+                Acc::Digest(rules, h) => HeldChain::Digest {
+                    rules,
+                    hash: h.finish(),
+                },
+            };
+            ((table, chain.to_string()), held)
+        })
+        .collect()
+}
+
 /// A hash of the rules' normalized forms, in order (`str`'s `Hash` ends
 /// each with a terminator, so rule boundaries count). SipHash-1-3 with
 /// fixed keys: a collision would only keep a chain another full sync
@@ -735,6 +789,37 @@ mod tests {
         );
         assert!(is_dispatch(Table::Filter, "KUBE-PROXY-FIREWALL"));
         assert!(!is_dispatch(Table::Nat, "KUBE-PROXY-FIREWALL"));
+    }
+
+    #[test]
+    fn held_chains_read_from_save_text_equal_those_of_parsed_rules() {
+        let text = "*filter\n:KUBE-FORWARD - [0:0]\n-A KUBE-FORWARD -j ACCEPT\nCOMMIT\n\
+                    *nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-A - [0:0]\n:KUBE-SVC-E - [0:0]\n\
+                    -A PREROUTING -j KUBE-SERVICES\n\
+                    -A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j KUBE-SVC-A\n\
+                    -A KUBE-SVC-A -p tcp -m tcp -j DNAT --to-destination 10.1.0.1:80\n\
+                    -A KUBE-SVC-A -j KUBE-MARK-MASQ\nCOMMIT\n";
+        for table in [Table::Nat, Table::Filter] {
+            let parsed: BTreeMap<(Table, String), Vec<String>> =
+                crate::runner::parse_save_tables(text)
+                    .remove(table.as_str())
+                    .unwrap_or_default()
+                    .chains
+                    .into_iter()
+                    .map(|(c, r)| ((table, c), r))
+                    .collect();
+            let streamed = held_chains_in_save(table, text);
+            assert_eq!(streamed, held_chains(parsed), "{table:?}");
+        }
+        let nat = held_chains_in_save(Table::Nat, text);
+        assert!(matches!(
+            nat.get(&(Table::Nat, "KUBE-SVC-E".to_string())),
+            Some(HeldChain::Digest { rules: 0, .. })
+        ));
+        assert!(matches!(
+            nat.get(&(Table::Nat, "KUBE-SERVICES".to_string())),
+            Some(HeldChain::Rules(r)) if r.len() == 1
+        ));
     }
 
     #[test]

@@ -29,15 +29,14 @@ use kproxy_model::{
 use tracing::{debug, info, warn};
 
 use crate::conntrack::{ConntrackCleaner, UdpServiceTarget};
-use crate::normalize::{is_dispatch, unchanged_chains, HeldChain, HeldChains};
+use crate::normalize::{held_chains_in_save, is_dispatch, unchanged_chains, HeldChains};
 use crate::planner::{
     add_table_rules, is_service_chain, Applied, AppliedUpdate, ExistingChains, JumpSpec,
     LocalDetector, Plan, PlanCounts, PlanError, Planner, PlannerConfig, StreamedPlan, Table,
     CANARY,
 };
 use crate::runner::{
-    parse_save_tables, BackendPreference, Iptables, IptablesError, JumpRule, Position,
-    RestoreOutcome, StdinSource,
+    BackendPreference, Iptables, IptablesError, JumpRule, Position, RestoreOutcome, StdinSource,
 };
 
 /// Why the applier failed, reduced to what the proxier reports.
@@ -309,14 +308,7 @@ impl FamilyProxier {
             match self.applier.save(table) {
                 Ok(text) => {
                     existing.add_save(table, &text);
-                    for (chain, specs) in parse_save_tables(&text)
-                        .remove(table.as_str())
-                        .unwrap_or_default()
-                        .chains
-                    {
-                        let held = HeldChain::new(table, &chain, specs);
-                        rules.insert((table, chain), held);
-                    }
+                    rules.extend(held_chains_in_save(table, &text));
                 }
                 Err(e) => warn!(family = %self.family(), table = table.as_str(), error = %e,
                     "cannot read existing rules; stale chains of a previous run stay until the next restart"),
