@@ -10,15 +10,14 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use kproxy_iptables::planner::{ExistingChains, LocalDetector, Planner, PlannerConfig};
-use kproxy_model::{
-    Endpoint, FamilyState, IpFamily, Protocol, ServiceEndpoints, ServiceKey, ServicePort,
-    ServicePortName,
-};
+use kproxy_model::{IpFamily, ServicePortName};
+
+mod support;
+use support::{service, state, v4, ENDPOINTS};
 
 struct Counting;
 
@@ -73,52 +72,6 @@ fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
 }
 
-const ENDPOINTS: usize = 10;
-
-fn v4(n: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(n))
-}
-
-/// As in the planner bench: unique cluster IPs and endpoint IPs, no comments
-/// on endpoint rules (large-cluster mode at 10k × 10).
-fn service(i: usize) -> ServicePort {
-    let eps: Vec<Endpoint> = (0..ENDPOINTS)
-        .map(|e| Endpoint {
-            ip: v4((10 << 24 | 64 << 16) + (i * ENDPOINTS + e) as u32),
-            port: 8080,
-            is_local: false,
-            ready: true,
-            serving: true,
-            terminating: false,
-        })
-        .collect();
-    ServicePort {
-        name: ServicePortName {
-            service: ServiceKey::new(format!("ns{}", i % 100), format!("svc{i}")),
-            port: "http".into(),
-            protocol: Protocol::Tcp,
-        },
-        family: IpFamily::V4,
-        cluster_ip: v4((172 << 24 | 16 << 16) + i as u32 + 1),
-        port: 80,
-        target_port: "8080".into(),
-        node_port: None,
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        session_affinity_seconds: None,
-        external_policy_local: false,
-        internal_policy_local: false,
-        health_check_node_port: None,
-        endpoints: ServiceEndpoints {
-            all: eps.clone(),
-            cluster: eps,
-            local: vec![],
-            has_any: true,
-        },
-    }
-}
-
 fn main() {
     let n: usize = std::env::args()
         .skip(1)
@@ -128,12 +81,7 @@ fn main() {
     let mut cfg = PlannerConfig::new(IpFamily::V4);
     cfg.local_detector = LocalDetector::Cidrs(vec!["10.64.0.0/10".parse().expect("cidr")]);
     let planner = Planner::new(cfg).expect("config");
-    let st: FamilyState = (0..n)
-        .map(|i| {
-            let sp = service(i);
-            (sp.name.clone(), Arc::new(sp))
-        })
-        .collect();
+    let st = state(n);
 
     let base = live();
     // Streamed, as a full sync without chains to adopt applies it: planned,
@@ -163,7 +111,7 @@ fn main() {
     };
     let before_change = live();
     let mut next = st.clone();
-    let mut changed_sp = service(n / 2);
+    let mut changed_sp = service(n / 2, 0);
     changed_sp.endpoints.cluster[3].ip = v4(0x0a7f_0001);
     changed_sp.endpoints.all[3].ip = v4(0x0a7f_0001);
     let changed: BTreeSet<ServicePortName> = [changed_sp.name.clone()].into();
