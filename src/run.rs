@@ -113,6 +113,7 @@ async fn run_async(settings: Settings) -> Result<()> {
         health,
         service_health,
         retry_delay: None,
+        last_full: None,
         sync_period,
         events,
     };
@@ -156,6 +157,31 @@ struct SyncLoop {
     sync_period: Duration,
     /// Posts Events about rejected objects.
     events: crate::tools::events::EventSink,
+    /// When the last full sync ended and how long it took.
+    last_full: Option<(Instant, Duration)>,
+}
+
+/// Full syncs at least this long are repeated less often than every sync
+/// period (see [`periodic_full_due`]).
+const LONG_FULL_SYNC: Duration = Duration::from_secs(10);
+
+/// Whether a periodic sync rewrites everything. Every sync period, as
+/// kproxy always did, unless a full sync takes [`LONG_FULL_SYNC`] or more
+/// (50k services on iptables-nft 1.8.9: ≈ 3 minutes): then at most a tenth
+/// of the time goes to them, and the periodic syncs in between are partial
+/// (pending changes, the canary check; a flushed table still gets a full
+/// sync at once). Upstream rewrites everything only hourly.
+fn periodic_full_due(
+    since_last_full: Duration,
+    last_full_took: Duration,
+    period: Duration,
+) -> bool {
+    let interval = if last_full_took >= LONG_FULL_SYNC {
+        period.max(last_full_took.saturating_mul(10))
+    } else {
+        period
+    };
+    since_last_full >= interval
 }
 
 impl SyncLoop {
@@ -189,7 +215,11 @@ impl SyncLoop {
         let builder_lock = self.builder.clone();
         let mut builder = builder_lock.lock().unwrap_or_else(PoisonError::into_inner);
         let mut applied = self.watch.apply_to(&mut builder, pending);
-        if reason == TriggerReason::Periodic || self.retry_delay.is_some() {
+        let periodic_full = reason == TriggerReason::Periodic
+            && self
+                .last_full
+                .is_none_or(|(end, took)| periodic_full_due(end.elapsed(), took, self.sync_period));
+        if periodic_full || self.retry_delay.is_some() {
             applied.changes.force_full = true;
         }
         for rejection in &applied.new_rejections {
@@ -207,6 +237,9 @@ impl SyncLoop {
             release_free_memory();
         }
         let report = self.proxier.sync(state, &applied.changes);
+        if report.kind == SyncKind::Full && report.succeeded() {
+            self.last_full = Some((Instant::now(), report.duration));
+        }
         if report.succeeded() {
             self.update_service_health(state);
         }
@@ -437,4 +470,23 @@ pub(crate) async fn kube_client(settings: &Settings) -> Result<kube::Client> {
             .with_context(|| format!("--master {master:?}: not a URL"))?;
     }
     kube::Client::try_from(config).context("building the Kubernetes API client")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_full_syncs_are_repeated_at_most_a_tenth_of_the_time() {
+        let s = Duration::from_secs;
+        // Short full syncs: every period, as always.
+        assert!(periodic_full_due(s(30), s(4), s(30)));
+        assert!(!periodic_full_due(s(29), s(4), s(30)));
+        // A 3-minute full sync: the next one 30 minutes later.
+        assert!(!periodic_full_due(s(30), s(180), s(30)));
+        assert!(!periodic_full_due(s(1799), s(180), s(30)));
+        assert!(periodic_full_due(s(1800), s(180), s(30)));
+        // A long period still wins.
+        assert!(!periodic_full_due(s(100), s(10), s(3600)));
+    }
 }
