@@ -19,6 +19,16 @@ fn proxier(family: IpFamily, backend: Backend) -> IptablesProxier {
     IptablesProxier::new(vec![fp], None)
 }
 
+/// The jumps from built-in chains the planner wants, as the runner adds them.
+fn planner_jumps(family: IpFamily) -> Vec<JumpRule> {
+    Planner::new(PlannerConfig::new(family))
+        .expect("config")
+        .jump_rules()
+        .iter()
+        .map(jump_rule)
+        .collect()
+}
+
 /// `<iptables> -t table -S chain` in `ns`.
 fn listing(ns: &Netns, family: IpFamily, backend: Backend, table: &str, chain: &str) -> String {
     let program = match family {
@@ -41,12 +51,7 @@ fn full_syncs_add_each_jump_once() {
     for backend in [Backend::Legacy, Backend::Nft] {
         for family in IpFamily::ALL {
             let ns = Netns::create(&format!("jumps-{}", backend.as_str())).expect("netns");
-            let jumps: Vec<_> = Planner::new(PlannerConfig::new(family))
-                .expect("config")
-                .jump_rules()
-                .iter()
-                .map(jump_rule)
-                .collect();
+            let jumps = planner_jumps(family);
             let state = ProxyState::default();
             let reports = ns
                 .run_in(|| {
@@ -97,12 +102,7 @@ fn a_differently_spelled_jump_is_not_duplicated() {
             "KUBE-SERVICES",
         ])
         .expect("add foreign jump");
-        let jumps: Vec<_> = Planner::new(PlannerConfig::new(family))
-            .expect("config")
-            .jump_rules()
-            .iter()
-            .map(jump_rule)
-            .collect();
+        let jumps = planner_jumps(family);
         let (unsure, absent) = ns
             .run_in(|| {
                 let missing = Iptables::new(family, backend)
