@@ -21,6 +21,9 @@ use kproxy_testkit::netns::{skip_unless_root, Netns, Topology};
 pub const NODE: &str = "node-a";
 pub const REMOTE_NODE: &str = "node-b";
 pub const WAIT: Duration = Duration::from_secs(20);
+/// For kproxy's first sync: in the IPVS VM (emulated CPU, debug build) each
+/// iptables command takes ≈ 0.4 s, and a first sync adds ~20 jumps.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(60);
 
 pub struct Cluster {
     pub topo: Topology,
@@ -90,7 +93,7 @@ impl Cluster {
             args,
         )
         .expect("spawn kproxy");
-        k.wait_healthy(WAIT).expect("kproxy healthy");
+        k.wait_healthy(STARTUP_WAIT).expect("kproxy healthy");
         k
     }
 
