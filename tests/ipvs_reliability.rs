@@ -533,8 +533,10 @@ fn ipvs_reliability_foreign_changes() {
     let mut rules_back = || owned_rules(&save(node, "iptables-save")) == ipt_ours;
 
     // 1. A virtual server of kproxy's deleted.
+    // `run` fails unless ipvsadm deleted it. No check that it is gone: a
+    // periodic sync may already have put it back (the listing takes
+    // ≈ 0.4 s of the VM's CPU).
     run(node, "ipvsadm -D -t 10.96.0.10:80");
-    assert!(!ipvs_table(node).contains_key("TCP 10.96.0.10:80"));
     repaired("deleted virtual server", &mut ipvs_back);
     assert!(tcp_request(pod, sock([10, 96, 0, 10], 80)).is_ok());
 
